@@ -1,0 +1,171 @@
+"""Avatar checkpoints: safetensors tensors + JSON metadata. Never pickle.
+
+Layout of a checkpoint file (one ``.safetensors`` file):
+    tensors  ``avatar.<param>``   per-Gaussian parameters (see GaussianAvatar), N first
+             ``avatar.log_global_scale``, ``avatar.joints`` [5,3], ``avatar.beta`` [S]
+             ``light.<name>``     learned lighting parameters (optional)
+             ``sequence.<name>``  tracked per-frame parameters of the training video (optional):
+                                  expr [T,E], pose [T,5,3], eyelids [T,2], transl [T,3]
+             ``camera.K`` [3,3], ``camera.viewmat`` [4,4] the training camera (optional)
+             ``extra.<name>``     anything else a component stores (encoder weights, optimiser-free)
+    metadata ``hravatar`` = JSON {format, version, avatar_config, expr_names, head, light_config,
+             camera_size, data, configs, created}
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from hravatar.avatar.config import AvatarConfig
+from hravatar.avatar.gaussians import PARAM_KEYS, FrameParams, GaussianAvatar
+from hravatar.head.model import NUM_JOINTS
+from hravatar.render.camera import Camera
+
+from .safe import CheckpointError, load_safetensors_checked, read_safetensors_header, save_safetensors_atomic
+
+FORMAT = "hravatar-avatar"
+VERSION = 1
+
+
+@dataclass
+class AvatarBundle:
+    """Everything a checkpoint holds.
+
+    avatar: the Gaussian avatar.
+    light_state: learned lighting tensors (empty when none) and ``light_config`` to rebuild it.
+    sequence: tracked training parameters (``FrameParams`` with T frames) or None.
+    camera: the training camera or None.
+    extra: additional named tensors (e.g. ``encoder.*``).
+    meta: free-form JSON metadata (data summary, configs, ...).
+    """
+
+    avatar: GaussianAvatar
+    light_state: dict[str, Tensor] = field(default_factory=dict)
+    light_config: dict = field(default_factory=dict)
+    sequence: FrameParams | None = None
+    camera: Camera | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+def _config_from_dict(d: dict) -> AvatarConfig:
+    names = {f.name for f in fields(AvatarConfig)}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+    return AvatarConfig(**kw)
+
+
+def save_checkpoint(path: str | Path, bundle: AvatarBundle) -> None:
+    """Write ``bundle`` to ``path`` atomically (temp file + rename)."""
+    av = bundle.avatar
+    t: dict[str, Tensor] = {f"avatar.{k}": v for k, v in av.params.items()}
+    t["avatar.log_global_scale"] = av.log_global_scale.detach().reshape(1)
+    t["avatar.joints"] = av.joints
+    t["avatar.beta"] = av.beta
+    for k, v in bundle.light_state.items():
+        t[f"light.{k}"] = v
+    if bundle.sequence is not None:
+        s = bundle.sequence
+        t.update({"sequence.expr": s.expr, "sequence.pose": s.pose, "sequence.eyelids": s.eyelids, "sequence.transl": s.transl})
+    cam_size = None
+    if bundle.camera is not None:
+        t["camera.K"], t["camera.viewmat"] = bundle.camera.K, bundle.camera.viewmat
+        cam_size = [bundle.camera.width, bundle.camera.height]
+    for k, v in bundle.extra.items():
+        t[f"extra.{k}"] = v
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "avatar_config": asdict(av.config),
+        "expr_names": av.expr_names,
+        "head": av.head_identity,
+        "num_gaussians": av.num_gaussians,
+        "light_config": bundle.light_config,
+        "camera_size": cam_size,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **{k: v for k, v in bundle.meta.items() if k not in ("format", "version")},
+    }
+    save_safetensors_atomic({k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in t.items()}, path,
+                            {"hravatar": json.dumps(meta)})
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    """Metadata of a checkpoint without loading its tensors (validates the container)."""
+    path = Path(path)
+    header = read_safetensors_header(path)
+    raw = (header.get("__metadata__") or {}).get("hravatar")
+    if raw is None:
+        raise CheckpointError(f"{path}: not a hravatar checkpoint (no 'hravatar' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: corrupted checkpoint metadata") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a hravatar avatar checkpoint (format '{meta.get('format')}')")
+    if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} is newer than supported ({VERSION}); upgrade hravatar")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> AvatarBundle:
+    """Load and validate a checkpoint. Raises :class:`CheckpointError` with a one-line message."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; pass a checkpoint file (e.g. {path}/avatar.safetensors)")
+    meta = read_checkpoint_meta(path)
+    tensors, _ = load_safetensors_checked(path)
+    params = {}
+    for k in PARAM_KEYS:
+        if f"avatar.{k}" not in tensors:
+            raise CheckpointError(f"{path}: missing tensor 'avatar.{k}'")
+        params[k] = tensors[f"avatar.{k}"]
+    N = params["means"].shape[0]
+    expected = {
+        "means": (N, 3), "quats": (N, 4), "scales": (N, 3), "opacities": (N,), "albedo": (N, 3),
+        "roughness": (N, 1), "f0": (N, 1), "lbs_weights": (N, NUM_JOINTS), "eyelid_dirs": (N, 2, 3),
+    }
+    for k, shp in expected.items():
+        if tuple(params[k].shape) != shp:
+            raise CheckpointError(f"{path}: tensor 'avatar.{k}' has shape {tuple(params[k].shape)}, expected {shp}")
+    for k, nd in (("shapedirs", 3), ("exprdirs", 3), ("posedirs", 3)):
+        if params[k].dim() != nd or params[k].shape[:2] != (N, 3):
+            raise CheckpointError(f"{path}: tensor 'avatar.{k}' has shape {tuple(params[k].shape)}, expected ({N}, 3, *)")
+    if params["posedirs"].shape[-1] != (NUM_JOINTS - 1) * 9:
+        raise CheckpointError(f"{path}: tensor 'avatar.posedirs' must have {(NUM_JOINTS - 1) * 9} components")
+    expr_names = meta.get("expr_names") or []
+    if len(expr_names) != params["exprdirs"].shape[-1]:
+        raise CheckpointError(f"{path}: {len(expr_names)} expression names for {params['exprdirs'].shape[-1]} components")
+    for k in ("joints", "beta", "log_global_scale"):
+        if f"avatar.{k}" not in tensors:
+            raise CheckpointError(f"{path}: missing tensor 'avatar.{k}'")
+    if tuple(tensors["avatar.joints"].shape) != (NUM_JOINTS, 3):
+        raise CheckpointError(f"{path}: tensor 'avatar.joints' must be ({NUM_JOINTS}, 3)")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: non-finite values in '{bad[0]}'")
+    try:
+        cfg = _config_from_dict(meta.get("avatar_config", {}))
+    except TypeError as e:
+        raise CheckpointError(f"{path}: invalid avatar config ({e})") from None
+    avatar = GaussianAvatar(params, tensors["avatar.joints"], tensors["avatar.beta"], cfg, expr_names,
+                            meta.get("head", ""), float(tensors["avatar.log_global_scale"].reshape(-1)[0]))
+    seq = None
+    if "sequence.expr" in tensors:
+        try:
+            seq = FrameParams(tensors["sequence.expr"], tensors["sequence.pose"], tensors["sequence.eyelids"], tensors["sequence.transl"])
+        except KeyError as e:
+            raise CheckpointError(f"{path}: incomplete tracked sequence (missing {e})") from None
+    cam = None
+    if "camera.K" in tensors and meta.get("camera_size"):
+        w, h = meta["camera_size"]
+        cam = Camera(tensors["camera.viewmat"], tensors["camera.K"], int(w), int(h))
+    light = {k[len("light."):]: v for k, v in tensors.items() if k.startswith("light.")}
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    bundle = AvatarBundle(avatar.to(device), {k: v.to(device) for k, v in light.items()}, meta.get("light_config") or {},
+                          seq.to(device) if seq is not None else None, cam.to(device) if cam is not None else None,
+                          {k: v.to(device) for k, v in extra.items()}, meta)
+    return bundle
