@@ -1,0 +1,207 @@
+"""The ``hravatar`` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit code 2."""
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError("--device cuda requested but no CUDA device is available")
+    return name
+
+
+def _save_image(img, path: Path) -> None:
+    import imageio.v3 as iio
+    import numpy as np
+
+    from hravatar.io.safe import atomic_write_bytes
+
+    arr = (img.clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    atomic_write_bytes(path, iio.imwrite("<bytes>", arr, extension=path.suffix))
+
+
+def cmd_render(a: argparse.Namespace) -> None:
+    import imageio.v2 as iio2
+    import numpy as np
+
+    from hravatar.api import default_camera, open_avatar, parse_expression_args, resolve_environment
+    from hravatar.render.pipeline import AvatarRenderer, MaterialEdit, RenderSettings
+
+    dev = _device(a.device)
+    bundle = open_avatar(a.checkpoint, dev)
+    env, tm = resolve_environment(a.envmap, bundle)
+    try:
+        frame = parse_expression_args(bundle.avatar, a.expr, a.jaw)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    renderer = AvatarRenderer(bundle.avatar, dev, backend=a.backend)
+    mat = MaterialEdit(rough_scale=a.rough_scale, f0_edit=a.f0_edit, tint=tuple(a.tint))
+    settings = RenderSettings(channel=a.channel, rotation_deg=a.rotate, exposure=a.exposure, tonemap=tm,
+                              background=tuple(a.background), material=mat)
+    out = Path(a.out)
+    if out.suffix.lower() == ".mp4":
+        tmp = out.with_name(f".{out.name}.tmp.mp4")
+        writer = iio2.get_writer(str(tmp), fps=a.fps, codec="libx264", quality=8, macro_block_size=1)
+        try:
+            for i in range(a.frames):
+                t = i / a.frames
+                if a.turntable == "light":
+                    settings.rotation_deg = a.rotate + 360.0 * t
+                    cam = default_camera(bundle, a.res)
+                else:
+                    cam = default_camera(bundle, a.res, yaw_deg=60.0 * np.sin(2 * np.pi * t))
+                img = renderer.render(cam, frame, env, settings).image
+                writer.append_data((img.clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
+        finally:
+            writer.close()
+        tmp.replace(out)
+    else:
+        img = renderer.render(default_camera(bundle, a.res, yaw_deg=a.yaw), frame, env, settings).image
+        _save_image(img, out)
+    print(f"wrote {out}")
+
+
+def cmd_info(a: argparse.Namespace) -> None:
+    from hravatar.io.checkpoint import load_checkpoint
+
+    b = load_checkpoint(a.checkpoint)
+    av, m = b.avatar, b.meta
+    print(f"checkpoint   {a.checkpoint}")
+    print(f"format       {m.get('format')} v{m.get('version')}  created {m.get('created', '?')}")
+    print(f"head model   {av.head_identity or '?'}")
+    print(f"gaussians    {av.num_gaussians:,}")
+    print(f"expressions  {av.num_expr}: {', '.join(av.expr_names[:12])}{' ...' if av.num_expr > 12 else ''}")
+    print(f"shape dims   {av.params['shapedirs'].shape[-1]}   global scale {float(av.log_global_scale.detach().exp()):.4f}")
+    print(f"lighting     {'learned (' + ', '.join(sorted(b.light_state)) + ')' if b.light_state else 'none stored'}")
+    print(f"sequence     {b.sequence.expr.shape[0] if b.sequence is not None else 0} tracked frames")
+    if b.camera is not None:
+        print(f"camera       {b.camera.width}x{b.camera.height}, fx={float(b.camera.K[0, 0]):.1f}")
+    for k in ("data", "train"):
+        if k in m:
+            print(f"{k:<12} {m[k]}")
+    if b.extra:
+        print(f"extra        {', '.join(sorted(b.extra))[:200]}")
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    import torch
+
+    from hravatar.api import default_camera, open_avatar, parse_expression_args, resolve_environment
+    from hravatar.avatar.gaussians import gaussian_normals
+    from hravatar.io.ply import write_gaussian_ply
+    from hravatar.shading import load_brdf_lut, shade, tonemap
+
+    bundle = open_avatar(a.checkpoint)
+    env, tm = resolve_environment(a.envmap, bundle)
+    frame = parse_expression_args(bundle.avatar, a.expr, a.jaw)
+    with torch.no_grad():
+        g = bundle.avatar.deform(frame)
+        cam = default_camera(bundle, 512)
+        cam_pos = cam.position
+        means, R, sc = g.means[0], g.rotmats[0], g.scales[0]
+        n = gaussian_normals(R, sc, means, cam_pos)
+        v = torch.nn.functional.normalize(cam_pos - means, dim=-1)
+        col = shade(g.albedo, g.roughness, g.f0, n, v, env, load_brdf_lut("cpu"))["rgb"]
+        col = tonemap(col, exposure_stops=0.0, operator=tm)
+    write_gaussian_ply(a.out, means, g.quats[0], sc, g.opacities, col)
+    print(f"wrote {a.out} ({means.shape[0]:,} Gaussians)")
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    import torch
+
+    from hravatar.bench import run_bench, write_json
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res = run_bench(_device(a.device), a.gaussians, a.res, reps=a.reps, backend=a.backend)
+    for r in res["results"]:
+        ms = r["ms"]
+        print(f"{r['gaussians']:>7,} G  {r['res']:>4}px  {r['fps']:7.1f} fps   deform {ms['deform']:6.1f} ms  raster {ms['raster']:6.1f} ms  shade {ms['shade']:6.1f} ms")
+    if a.json:
+        write_json(res, a.json)
+        print(f"wrote {a.json}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hravatar.render.pipeline import CHANNELS
+
+    p = argparse.ArgumentParser(prog="hravatar", description="Relightable, animatable Gaussian head avatars.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("render", help="render an avatar to an image or a turntable video")
+    r.add_argument("checkpoint", nargs="?", default=None, help="avatar checkpoint (default: the bundled demo avatar)")
+    r.add_argument("--out", required=True, help="output .png/.jpg, or .mp4 for a turntable")
+    r.add_argument("--envmap", default=None, help="builtin:NAME, learned, or a lat-long .hdr/.exr file (default: learned if present, else builtin:studio)")
+    r.add_argument("--rotate", type=float, default=0.0, help="environment rotation about the vertical axis (degrees)")
+    r.add_argument("--exposure", type=float, default=0.0, help="exposure in stops")
+    r.add_argument("--expr", nargs="*", default=[], metavar="NAME=VALUE", help="expression values, e.g. jawOpen=0.5 mouthSmile_L=1")
+    r.add_argument("--jaw", type=float, default=None, help="jaw opening angle (radians)")
+    r.add_argument("--yaw", type=float, default=0.0, help="camera yaw around the head (degrees)")
+    r.add_argument("--channel", default="shaded", choices=CHANNELS)
+    r.add_argument("--res", type=int, default=512)
+    r.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    r.add_argument("--backend", default="auto", choices=["auto", "torch", "gsplat"])
+    r.add_argument("--rough-scale", type=float, default=1.0, help="roughness scale s_r")
+    r.add_argument("--f0-edit", type=float, default=0.0, help="F0 edit s_f in [0,1]")
+    r.add_argument("--tint", type=float, nargs=3, default=(1.0, 1.0, 1.0), help="albedo tint RGB")
+    r.add_argument("--background", type=float, nargs=3, default=(1.0, 1.0, 1.0), help="background RGB in [0,1]")
+    r.add_argument("--turntable", choices=["light", "head"], default="light", help="what an .mp4 turns")
+    r.add_argument("--frames", type=int, default=72, help="frames of an .mp4 turntable")
+    r.add_argument("--fps", type=int, default=24)
+    r.set_defaults(func=cmd_render)
+
+    i = sub.add_parser("info", help="print what a checkpoint holds")
+    i.add_argument("checkpoint")
+    i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("export", help="export a posed frame as a standard 3DGS .ply")
+    e.add_argument("checkpoint", nargs="?", default=None)
+    e.add_argument("--out", required=True, help="output .ply")
+    e.add_argument("--envmap", default=None, help="lighting baked into the colours")
+    e.add_argument("--expr", nargs="*", default=[], metavar="NAME=VALUE")
+    e.add_argument("--jaw", type=float, default=None)
+    e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="time deform / raster / shade and write JSON")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--backend", default="auto", choices=["auto", "torch", "gsplat"])
+    b.add_argument("--gaussians", type=int, nargs="+", default=[20000])
+    b.add_argument("--res", type=int, nargs="+", default=[256])
+    b.add_argument("--reps", type=int, default=10)
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    b.add_argument("--json", default=None, help="write results here")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hravatar.io.safe import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CliError, CheckpointError) as e:
+        print(f"hravatar: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"hravatar: error: {e.filename}: file not found", file=sys.stderr)
+        return 2
+    except ValueError as e:  # expected bad input (envmap errors, bad expression names, ...)
+        print(f"hravatar: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

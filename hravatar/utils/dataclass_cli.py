@@ -1,0 +1,54 @@
+"""Generate argparse options from config dataclasses (one source of truth for defaults)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(element type, is_optional) of a field annotation."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        return non_none[0], len(non_none) < len(args)
+    return tp, False
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", group_title: str | None = None) -> None:
+    """Add one ``--prefix-field`` option per field of dataclass ``cls`` (defaults from ``cls``).
+
+    Supports bool (``--x/--no-x``), int, float, str, Optional[...] and tuple[...] fields; the
+    field's docstring line in the class docstring is not parsed, the field name is the help.
+    """
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(group_title or cls.__name__)
+    for f in dataclasses.fields(cls):
+        tp, optional = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = f"--{prefix}{f.name.replace('_', '-')}"
+        dest = f"{prefix.replace('-', '_')}{f.name}"
+        if tp is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=f"(default {default})")
+        elif typing.get_origin(tp) is tuple:
+            el = typing.get_args(tp)[0]
+            group.add_argument(flag, dest=dest, type=el, nargs=len(typing.get_args(tp)), default=default, help=f"(default {default})")
+        elif tp in (int, float, str):
+            conv = tp
+            if optional:
+                conv = lambda s, t=tp: None if s.lower() == "none" else t(s)  # noqa: E731
+            group.add_argument(flag, dest=dest, type=conv, default=default, help=f"(default {default})")
+
+
+def dataclass_from_args(cls: type, ns: argparse.Namespace, prefix: str = ""):
+    """Build ``cls`` from the options added by :func:`add_dataclass_arguments`."""
+    kw = {}
+    for f in dataclasses.fields(cls):
+        dest = f"{prefix.replace('-', '_')}{f.name}"
+        if hasattr(ns, dest):
+            v = getattr(ns, dest)
+            kw[f.name] = tuple(v) if isinstance(v, list) else v
+    return cls(**kw)
