@@ -16,64 +16,8 @@ import torch
 from scipy.spatial import cKDTree
 from torch import Tensor
 
+from .mesh_utils import closest_points_on_triangles
 from .model import NUM_MEDIAPIPE_LANDMARKS, HeadModel
-
-
-def closest_points_on_triangles(points: np.ndarray, tris: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Closest point of each triangle to each query point (one triangle per point).
-
-    Region tests on the triangle's Voronoi regions (vertices, edges, interior), vectorised.
-
-    Args:
-        points: [N, 3] query points.
-        tris: [N, 3, 3] triangle corners (a, b, c) for each query.
-    Returns:
-        closest: [N, 3] closest points.
-        bary: [N, 3] barycentric coordinates of ``closest`` w.r.t. (a, b, c), each row sums to 1.
-    """
-    p = np.asarray(points, dtype=np.float64)
-    a, b, c = (np.asarray(tris[:, i], dtype=np.float64) for i in range(3))
-    ab, ac, ap = b - a, c - a, p - a
-    d1, d2 = (ab * ap).sum(-1), (ac * ap).sum(-1)
-    bp = p - b
-    d3, d4 = (ab * bp).sum(-1), (ac * bp).sum(-1)
-    cp = p - c
-    d5, d6 = (ab * cp).sum(-1), (ac * cp).sum(-1)
-    va = d3 * d6 - d5 * d4
-    vb = d5 * d2 - d1 * d6
-    vc = d1 * d4 - d3 * d2
-    n = len(p)
-    bary = np.zeros((n, 3))
-    done = np.zeros(n, dtype=bool)
-
-    def put(mask: np.ndarray, w: np.ndarray) -> None:
-        m = mask & ~done
-        bary[m] = w[m]
-        done[m] = True
-
-    one, zero = np.ones(n), np.zeros(n)
-    tiny = 1e-300
-    # vertex regions
-    put((d1 <= 0) & (d2 <= 0), np.stack([one, zero, zero], -1))
-    put((d3 >= 0) & (d4 <= d3), np.stack([zero, one, zero], -1))
-    put((d6 >= 0) & (d5 <= d6), np.stack([zero, zero, one], -1))
-    # edge regions
-    t_ab = d1 / np.where(np.abs(d1 - d3) > tiny, d1 - d3, tiny)
-    put((vc <= 0) & (d1 >= 0) & (d3 <= 0), np.stack([1 - t_ab, t_ab, zero], -1))
-    t_ac = d2 / np.where(np.abs(d2 - d6) > tiny, d2 - d6, tiny)
-    put((vb <= 0) & (d2 >= 0) & (d6 <= 0), np.stack([1 - t_ac, zero, t_ac], -1))
-    den_bc = (d4 - d3) + (d5 - d6)
-    t_bc = (d4 - d3) / np.where(np.abs(den_bc) > tiny, den_bc, tiny)
-    put((va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0), np.stack([zero, 1 - t_bc, t_bc], -1))
-    # interior (degenerate triangles fall back to their first corner)
-    den = va + vb + vc
-    ok = np.abs(den) > tiny
-    den = np.where(ok, den, 1.0)
-    inner = np.stack([1 - (vb + vc) / den, vb / den, vc / den], -1)
-    inner[~ok] = [1.0, 0.0, 0.0]
-    put(np.ones(n, dtype=bool), inner)
-    closest = bary[:, :1] * a + bary[:, 1:2] * b + bary[:, 2:] * c
-    return closest, bary
 
 
 def project_to_mesh(
@@ -101,13 +45,11 @@ def project_to_mesh(
     k = int(min(candidates, len(faces)))
     _, cand = cKDTree(tri.mean(1)).query(points, k=k)
     cand = cand.reshape(len(points), k)
-    q = np.repeat(points, k, axis=0)
-    cl, bc = closest_points_on_triangles(q, tri[cand.reshape(-1)])
-    d = ((cl - q) ** 2).sum(-1).reshape(len(points), k)
-    best = d.argmin(1)
-    rows = np.arange(len(points))
-    flat = rows * k + best
-    return cand[rows, best].astype(np.int64), bc[flat], cl[flat]
+    q = torch.from_numpy(points)[:, None].expand(-1, k, -1)
+    cl, bc = closest_points_on_triangles(q, torch.from_numpy(tri[cand]))
+    best = ((cl - q) ** 2).sum(-1).argmin(1)
+    rows = torch.arange(len(points))
+    return cand[rows.numpy(), best.numpy()].astype(np.int64), bc[rows, best].numpy(), cl[rows, best].numpy()
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
