@@ -64,7 +64,8 @@ def resolve_environment(spec: str | None, bundle: AvatarBundle | None = None, wi
             raise ValueError("this avatar has no learned lighting; choose builtin:NAME or an HDR file")
         from hravatar.shading import LearnedLighting
 
-        light = LearnedLighting.from_state(bundle.light_state, bundle.light_config)
+        light = LearnedLighting(**bundle.light_config)
+        light.load_state_dict(bundle.light_state)
         with torch.no_grad():
             return light.environment(), "clamp"
     if spec.startswith("builtin:"):

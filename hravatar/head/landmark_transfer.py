@@ -52,12 +52,15 @@ def project_to_mesh(
     return cand[rows.numpy(), best.numpy()].astype(np.int64), bc[rows, best].numpy(), cl[rows, best].numpy()
 
 
-def similarity_transform(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
+def similarity_transform(
+    src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None, with_scale: bool = True
+) -> tuple[float, np.ndarray, np.ndarray]:
     """Weighted least-squares similarity (Umeyama): ``dst ~ s * R @ src + t``.
 
     Args:
         src, dst: [N, 3] corresponding points (N >= 3, not collinear).
         weights: [N] non-negative weights, or None for uniform.
+        with_scale: fit the scale; False gives the rigid (Kabsch) fit with s = 1.
     Returns:
         s: scale, R: [3, 3] rotation (det +1), t: [3] translation.
     """
@@ -71,7 +74,7 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray, weights: np.ndarray |
     D[2, 2] = np.sign(np.linalg.det(U @ Vt)) or 1.0
     R = U @ D @ Vt
     var_s = (w * (xs**2).sum(1)).sum()
-    s = float((S * np.diag(D)).sum() / max(var_s, 1e-300))
+    s = float((S * np.diag(D)).sum() / max(var_s, 1e-300)) if with_scale else 1.0
     t = mu_d - s * R @ mu_s
     return s, R, t
 
@@ -103,6 +106,7 @@ def transfer_landmarks(
     dst_face_mask: Tensor | None = None,
     anchors: dict[int, int] | None = None,
     *,
+    anchor_points: dict[int, np.ndarray] | None = None,
     icp_iters: int = 30,
     nonrigid_iters: int = 4,
     trim: float = 0.9,
@@ -118,10 +122,15 @@ def transfer_landmarks(
         dst_faces: [F, 3] destination triangles.
         dst_face_mask: [V] bool, destination vertices of the face (ICP targets and landmark
             projection surface: keep the eyeballs in it so iris points land on them);
-            None = every vertex.
+            None = every vertex. Without anchors the initial alignment matches the centre and
+            size of this region with the source's face region, so both should cover about
+            the same part of the head.
         anchors: known correspondences {MediaPipe landmark index: destination vertex index};
-            with 3 or more of them the initial alignment is their similarity transform and the
-            final landmarks of those indices sit exactly on the anchor vertices.
+            with 3 or more of them the initial alignment is their similarity transform (with 2,
+            scale and translation only) and the final landmarks of those indices sit exactly
+            on the anchor vertices.
+        anchor_points: like ``anchors`` but with exact destination positions {landmark: [3]}
+            (e.g. from a barycentric embedding); they take precedence over ``anchors``.
         icp_iters: rigid (similarity) ICP iterations.
         nonrigid_iters: smooth non-rigid refinement iterations after ICP (0 disables).
         trim: fraction of the closest ICP pairs kept each iteration (robust to the parts of the
@@ -144,13 +153,19 @@ def transfer_landmarks(
         L = src.landmarks(src.v_template[None])[0].detach().cpu().double().numpy()  # [478,3]
     P = _face_points(src)
 
-    anchors = {int(k): int(v) for k, v in (anchors or {}).items() if 0 <= int(k) < NUM_MEDIAPIPE_LANDMARKS and 0 <= int(v) < len(Vd)}
-    a_src = np.array(list(anchors.keys()), dtype=np.int64)
-    a_dst = Vd[np.array(list(anchors.values()), dtype=np.int64)] if anchors else np.zeros((0, 3))
+    targets = {int(k): Vd[int(v)] for k, v in (anchors or {}).items() if 0 <= int(k) < NUM_MEDIAPIPE_LANDMARKS and 0 <= int(v) < len(Vd)}
+    targets.update({int(k): np.asarray(p, np.float64).reshape(3) for k, p in (anchor_points or {}).items() if 0 <= int(k) < NUM_MEDIAPIPE_LANDMARKS})
+    a_src = np.array(sorted(targets), dtype=np.int64)
+    a_dst = np.stack([targets[int(k)] for k in a_src]) if len(a_src) else np.zeros((0, 3))
 
     # ---- initial similarity
     if len(a_src) >= 3:
         s, R, t = similarity_transform(L[a_src], a_dst)
+    elif len(a_src) == 2:
+        # e.g. the two pupils: scale and place, axes shared by convention
+        s = float(np.linalg.norm(a_dst[1] - a_dst[0]) / max(np.linalg.norm(L[a_src[1]] - L[a_src[0]]), 1e-12))
+        R = np.eye(3)
+        t = a_dst.mean(0) - s * L[a_src].mean(0)
     else:
         # same axes by convention: match centre and RMS size of the two face regions
         s = float(np.sqrt(((target - target.mean(0)) ** 2).sum(1).mean() / ((P - P.mean(0)) ** 2).sum(1).mean()))

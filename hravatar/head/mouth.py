@@ -201,8 +201,9 @@ def build_mouth_geometry(
 
     The cavity is a tube whose first ring is the inner-lip loop itself; it widens behind the
     lips to enclose both tooth rows, runs back towards the jaw pivot and is closed by a back
-    wall (pharynx). The floor carries a tongue bulge. Vertices below the plane through the
-    mouth-corner axis and the jaw pivot follow the jaw.
+    wall (pharynx) in front of the jaw pivot. The floor carries a tongue bulge. The cavity
+    half that continues the lower lip (its floor) follows the jaw, the roof stays, with a
+    smooth blend around the mouth corners; the lower tooth row follows the jaw.
 
     Args:
         upper_inner_lip: [n, 3] inner contour of the upper lip, corner to corner.
@@ -227,7 +228,6 @@ def build_mouth_geometry(
         corner_r, corner_l = corner_l, corner_r
     centre = 0.5 * (up.mean(0) + lo.mean(0))
     mouth_half = 0.5 * np.linalg.norm(corner_l - corner_r)
-    lip_z = max(loop[:, 2].max(), centre[2])
 
     # --- teeth: incisors sit ~4 mm behind the inner lip surface (closed lips cover them)
     front_z = centre[2] - 4.0 * mm
@@ -245,21 +245,23 @@ def build_mouth_geometry(
     back_z = min(pivot[2] + 12.0 * mm, front_z - depth - 6.0 * mm)
     back_z = max(back_z, front_z - depth - 25.0 * mm)
     rings = [loop.copy()]
-    W, H_up, H_lo = half_w + 6.0 * mm, 13.0 * mm, 14.0 * mm
+    W, H_up, H_lo = half_w + 4.0 * mm, 13.0 * mm, 14.0 * mm
     for r in range(1, n_rings + 1):
         t = r / n_rings
-        z = lip_z + (back_z - lip_z) * (t ** 0.8)
-        grow = _smoothstep(t / 0.3)  # open up right behind the lips
+        # each ring point recedes from its own lip depth; widening starts only once the ring
+        # is well behind the lips so the bag never pokes through the cheeks at the corners
+        depth_f = t ** 0.7
+        grow = _smoothstep((t - 0.05) / 0.35)
         shrink = 1.0 - 0.45 * _smoothstep((t - 0.75) / 0.25)  # narrow to the pharynx
         ex = centre[0] + u * W * shrink
         ey = centre[1] + np.where(side >= 0, H_up * ang_h, -H_lo * ang_h) * shrink
         # tongue: raise the middle of the floor in the middle of the cavity
         tongue = np.where(side < 0, 8.0 * mm * (1.0 - u * u) ** 2 * np.sin(np.pi * np.clip((t - 0.1) / 0.85, 0, 1)), 0.0)
         ey = ey + tongue
-        target = np.stack([ex, ey, np.full(P, z)], -1)
-        ring = loop + (target - loop) * grow
-        # depth always advances, even where the ring has not widened yet
-        ring[:, 2] = loop[:, 2] + (z - loop[:, 2]) * max(grow, t)
+        ring = loop.copy()
+        ring[:, 0] += (ex - loop[:, 0]) * grow
+        ring[:, 1] += (ey - loop[:, 1]) * grow
+        ring[:, 2] = loop[:, 2] + (back_z - loop[:, 2]) * depth_f
         rings.append(ring)
     cav_v = np.concatenate(rings, 0)
     cav_f = []
@@ -276,20 +278,13 @@ def build_mouth_geometry(
     if np.einsum("ij,ij->i", v0 - centre, np.cross(v1 - centre, v2 - centre)).sum() > 0:
         cav_f = cav_f[:, ::-1].copy()
 
-    # --- jaw weights: signed distance to the plane through the corner axis and the pivot
-    axis = corner_l - corner_r
-    axis /= np.linalg.norm(axis)
-    mid = 0.5 * (corner_l + corner_r)
-    nrm = np.cross(axis, pivot - mid)
-    nrm /= np.linalg.norm(nrm)
-    if nrm[1] < 0:
-        nrm = -nrm  # points up: positive = above the plane
-    d_cav = (cav_v - mid) @ nrm
-    jw_cav = 1.0 - _smoothstep((d_cav + 3.0 * mm) / (6.0 * mm))
-    # the rim follows the lips' own labelling (upper contour stays, lower follows the jaw)
-    rim_w = np.where(side > 0, 0.0, np.where(side < 0, 1.0, 0.5))
-    jw_cav[:P] = rim_w
-
+    # --- jaw weights: the roof stays with the skull, the floor follows the jaw, blended
+    # around the corners (where the two lips meet) so the bag stretches smoothly
+    side_w = np.where(side > 0, 0.0, np.where(side < 0, 1.0, 0.5))
+    blend = np.clip(ang_h / 0.35, 0.0, 1.0)
+    ring_w = 0.5 + (side_w - 0.5) * _smoothstep(blend)
+    jw_cav = np.concatenate([np.tile(ring_w, n_rings + 1), [0.5]])
+    jw_cav[:P] = side_w  # the rim is the lips themselves
     verts = np.concatenate([cav_v, ut_v, lt_v], 0)
     n_c, n_u = len(cav_v), len(ut_v)
     faces = np.concatenate([cav_f, ut_f + n_c, lt_f + n_c + n_u], 0)

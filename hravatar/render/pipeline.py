@@ -79,15 +79,13 @@ def render_gbuffers(g: DeformedGaussians, camera: Camera, frame_index: int = 0, 
 
 
 def apply_material_edit(albedo: Tensor, roughness: Tensor, f0: Tensor, edit: MaterialEdit) -> tuple[Tensor, Tensor, Tensor]:
-    """Edited (albedo [...,3], roughness [...,1], f0 [...,1])."""
+    """Edited (albedo [...,3], roughness [...,1], f0 [...,1]); see :func:`hravatar.shading.edit_material`."""
+    from hravatar.shading import edit_material
+
     if edit.is_identity():
         return albedo, roughness, f0
-    rough = (roughness * edit.rough_scale).clamp(0.0, 1.0)
-    f0 = f0 + (1 - f0) * edit.f0_edit
-    tint = torch.tensor(edit.tint, device=albedo.device, dtype=albedo.dtype)
-    grey = albedo.mean(-1, keepdim=True)
-    alb = (grey + (albedo - grey) * edit.saturation) * tint
-    return alb.clamp(0.0, 1.0), rough, f0
+    rough, f0e, alb = edit_material(roughness, f0, albedo, edit.rough_scale, edit.f0_edit, edit.tint, edit.saturation)
+    return alb, rough, f0e
 
 
 def shade_gbuffers(gb: GBuffers, camera: Camera, env, brdf_lut: Tensor, rotation_deg: float = 0.0,
@@ -107,8 +105,14 @@ def shade_gbuffers(gb: GBuffers, camera: Camera, env, brdf_lut: Tensor, rotation
 
     albedo, rough, f0 = apply_material_edit(gb.albedo, gb.roughness, gb.f0, material or MaterialEdit())
     viewdir = camera.view_dirs().to(gb.normal)
-    out = shade(albedo, rough, f0, gb.normal, viewdir, env, brdf_lut, rotation_deg=rotation_deg)
-    return {"shaded": out["rgb"], "diffuse": out["diffuse"], "specular": out["specular"], "irradiance": out["irradiance"]}
+    # shade only covered pixels: the head rarely fills the frame and lookups dominate the cost
+    mask = gb.alpha[..., 0] > 1.0 / 255.0
+    out = shade(albedo[mask], rough[mask], f0[mask], gb.normal[mask], viewdir[mask], env, brdf_lut, rotation_deg=rotation_deg)
+    res = {}
+    for ours, theirs in (("shaded", "rgb"), ("diffuse", "diffuse"), ("specular", "specular"), ("irradiance", "irradiance")):
+        full = gb.albedo.new_zeros(*mask.shape, 3)
+        res[ours] = full.masked_scatter(mask[..., None].expand_as(full), out[theirs])
+    return res
 
 
 def composite(color: Tensor, alpha: Tensor, background: Tensor | tuple | None) -> Tensor:
@@ -126,7 +130,7 @@ class RenderSettings:
     channel: str = "shaded"
     rotation_deg: float = 0.0
     exposure: float = 0.0
-    tonemap: str = "aces"  # "aces" for HDR environments, "clamp" for the learned (LDR) lighting
+    tonemap: str = "aces"  # a hravatar.shading.tonemap operator for HDR light; "clamp" for the learned (LDR) light
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     material: MaterialEdit = field(default_factory=MaterialEdit)
 
@@ -217,13 +221,15 @@ class AvatarRenderer:
         if s.channel in ("shaded", "diffuse", "specular", "irradiance"):
             shaded = shade_gbuffers(gb, cam, env.to(self.device), self.brdf_lut, s.rotation_deg, s.material)
         lin = channel_image(s.channel, gb, shaded)
-        if s.channel in ("shaded", "diffuse", "specular", "irradiance"):
+        if s.channel in ("shaded", "diffuse", "specular", "irradiance") and s.tonemap != "clamp":
             disp = tonemap(lin, exposure_stops=s.exposure, operator=s.tonemap)
-        elif s.channel == "albedo":
-            disp = tonemap(lin, exposure_stops=0.0, operator="srgb")
+        elif s.channel in ("shaded", "diffuse", "specular", "irradiance"):
+            # learned (LDR) lighting is fitted in display space: no tone curve, only exposure
+            disp = (lin * 2.0 ** s.exposure).clamp(0, 1)
         else:
             disp = lin.clamp(0, 1)
-        img = composite(disp, gb.alpha, s.background)
+        # the alpha channel is shown as is; everything else goes over the background
+        img = disp if s.channel == "alpha" else composite(disp, gb.alpha, s.background)
         _sync(self.device)
         t3 = time.perf_counter()
         ms = {"deform": (t1 - t0) * 1e3, "raster": (t2 - t1) * 1e3, "shade": (t3 - t2) * 1e3}

@@ -71,6 +71,38 @@ def smith_g1_schlick(nox: Tensor, k: Tensor) -> Tensor:
     return nox / (nox * (1.0 - k) + k).clamp_min(1e-20)
 
 
+def integrate_split_sum(nov: Tensor, rough: Tensor, samples: int = 1024) -> Tensor:
+    """Split-sum (A, B) by GGX importance sampling with Hammersley points, in float64.
+
+    Args:
+        nov: [M] n.v values in (0, 1].
+        rough: [K] roughness values in (0, 1].
+        samples: samples per (NoV, roughness) pair.
+    Returns:
+        [M, K, 2] float64.
+    """
+    dev = nov.device
+    xi = hammersley(samples, device=dev, dtype=torch.float64)
+    alpha = rough.to(torch.float64) ** 2
+    k = alpha / 2.0
+    h = ggx_sample_half_vectors(xi, alpha)  # [K, N, 3]
+    noh = h[..., 2]
+    out = torch.zeros(nov.shape[0], rough.shape[0], 2, dtype=torch.float64, device=dev)
+    for i, c in enumerate(nov.tolist()):  # one NoV row at a time keeps memory small
+        v = torch.tensor([math.sqrt(max(1.0 - c * c, 0.0)), 0.0, c], dtype=torch.float64, device=dev)
+        voh = (h * v).sum(-1)  # [K, N]
+        l_z = 2.0 * voh * noh - c  # (2 (v.h) h - v).z
+        valid = l_z > 0
+        g_v = smith_g1_schlick(torch.tensor(c, dtype=torch.float64, device=dev), k[:, None])
+        g = g_v * smith_g1_schlick(l_z.clamp_min(0.0), k[:, None])
+        # pdf(l) = D (n.h) / (4 v.h): the D cancels and leaves G (v.h) / ((n.h) (n.v))
+        g_vis = torch.where(valid, g * voh / (noh * c).clamp_min(1e-20), torch.zeros_like(g))
+        fc = (1.0 - voh).clamp_min(0.0) ** 5
+        out[i, :, 0] = ((1.0 - fc) * g_vis).mean(-1)
+        out[i, :, 1] = (fc * g_vis).mean(-1)
+    return out
+
+
 def compute_brdf_lut(size: int = 128, samples: int = 1024, device=None) -> Tensor:
     """Integrate the split-sum BRDF table by GGX importance sampling (Hammersley points).
 
@@ -78,29 +110,10 @@ def compute_brdf_lut(size: int = 128, samples: int = 1024, device=None) -> Tenso
         size: table resolution S (both axes).
         samples: samples per texel.
     Returns:
-        [S, S, 2] float32 (A, B), indexed [NoV, roughness] at texel centres.
+        [S, S, 2] float32 (A, B), indexed [NoV, roughness] at texel centres (i + 0.5) / S.
     """
-    xi = hammersley(samples, device=device, dtype=torch.float64)
     c = (torch.arange(size, device=device, dtype=torch.float64) + 0.5) / size
-    rough = c
-    alpha = rough * rough
-    k = alpha / 2.0
-    h = ggx_sample_half_vectors(xi, alpha)  # [S(r), N, 3]
-    out = torch.zeros(size, size, 2, dtype=torch.float64, device=device)
-    for i, nov in enumerate(c.tolist()):  # one NoV row at a time keeps memory small
-        v = torch.tensor([math.sqrt(1.0 - nov * nov), 0.0, nov], dtype=torch.float64, device=device)
-        voh = (h * v).sum(-1)  # [S, N]
-        l_z = 2.0 * voh * h[..., 2] - nov  # (2 (v.h) h - v).z
-        noh = h[..., 2]
-        valid = l_z > 0
-        nol = l_z.clamp_min(0.0)
-        g = smith_g1_schlick(torch.tensor(nov, dtype=torch.float64, device=device), k[:, None]) * smith_g1_schlick(nol, k[:, None])
-        # pdf(l) = D (n.h) / (4 v.h): the D cancels and leaves G (v.h) / ((n.h) (n.v))
-        g_vis = torch.where(valid, g * voh / (noh * nov).clamp_min(1e-20), torch.zeros_like(g))
-        fc = (1.0 - voh).clamp_min(0.0) ** 5
-        out[i, :, 0] = ((1.0 - fc) * g_vis).mean(-1)
-        out[i, :, 1] = (fc * g_vis).mean(-1)
-    return out.to(torch.float32)
+    return integrate_split_sum(c, c, samples).to(torch.float32)
 
 
 def _cache_path(size: int) -> Path:

@@ -293,7 +293,7 @@ def sample_cube_mips(mips: list[Tensor], dirs: Tensor, level: Tensor | float, ba
             mips[0][None].float().contiguous(), dirs.reshape(1, 1, -1, 3).float().contiguous(),
             mip=[m[None].float().contiguous() for m in mips[1:]],
             mip_level_bias=level.reshape(1, 1, -1).float().contiguous(),
-            filter_mode="linear-mipmap-linear", boundary_mode="cube", max_mip_level=L - 1,
+            filter_mode="linear-mipmap-linear", boundary_mode="cube",
         )
         return out.reshape(*lead, C).to(mips[0].dtype)
     d = dirs.reshape(-1, 3)
@@ -347,10 +347,9 @@ def latlong_dirs(height: int, width: int, device=None, dtype=torch.float32) -> T
     """
     v = (torch.arange(height, device=device, dtype=torch.float64) + 0.5) / height
     u = (torch.arange(width, device=device, dtype=torch.float64) + 0.5) / width
-    theta = math.pi * v[:, None]
-    phi = 2.0 * math.pi * u[None, :] - math.pi
+    theta, phi = torch.broadcast_tensors(math.pi * v[:, None], 2.0 * math.pi * u[None, :] - math.pi)
     st = torch.sin(theta)
-    d = torch.stack([st * torch.sin(phi), torch.cos(theta).expand_as(phi), -st * torch.cos(phi)], -1)
+    d = torch.stack([st * torch.sin(phi), torch.cos(theta), -st * torch.cos(phi)], -1)
     return d.to(dtype)
 
 
@@ -456,6 +455,35 @@ def cube_to_latlong(cube: Tensor, height: int, width: int) -> Tensor:
     """
     d = latlong_dirs(height, width, device=cube.device, dtype=cube.dtype)
     return sample_cube(cube, d)
+
+
+def resample_cube(cube: Tensor, res: int) -> Tensor:
+    """Change the face size of a cube map.
+
+    Downsizing by a power of two uses exact 2x2 box filtering; other sizes average a small
+    grid of seamless bilinear lookups per output texel.
+
+    Args:
+        cube: [6, R, R, C].
+        res: output face size.
+    Returns:
+        [6, res, res, C] (differentiable w.r.t. ``cube``).
+    """
+    out = cube
+    while out.shape[1] > res and out.shape[1] % 2 == 0 and (out.shape[1] // 2) % res == 0:
+        out = downsample_cube(out)
+    if out.shape[1] == res:
+        return out
+    n = max(1, math.ceil(out.shape[1] / res))
+    off = _subtexel_offsets(n, cube.device, torch.float64)
+    c = torch.arange(res, device=cube.device, dtype=torch.float64)
+    s = (c[:, None] + 0.5 + off[None, :]) / res
+    shape = (6, res, n, res, n)
+    v = s[None, :, :, None, None].expand(shape)
+    u = s[None, None, None, :, :].expand(shape)
+    face = torch.arange(6, device=cube.device).view(6, 1, 1, 1, 1).expand(shape)
+    d = face_uv_to_dir(face, u, v).to(cube.dtype)
+    return sample_cube(out, d).mean(dim=(2, 4))
 
 
 def cube_from_function(fn, res: int, device=None, dtype=torch.float32) -> Tensor:
