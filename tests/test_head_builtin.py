@@ -81,8 +81,13 @@ def test_skinning_weights(head):
     np.testing.assert_allclose(head.J_regressor.sum(1).numpy(), 1.0, atol=1e-5)
     # smooth: neighbouring vertices differ by little (rigid parts are separate components)
     e, _ = unique_edges(head.faces.numpy())
+    v = head.v_template.numpy()
     d = np.abs(W[e[:, 0]] - W[e[:, 1]]).max(1)
-    assert np.percentile(d, 99) < 0.25 and d.max() < 0.6
+    grad_mm = d / (1000 * np.linalg.norm(v[e[:, 0]] - v[e[:, 1]], axis=1))
+    # transitions spread over >~2 cm almost everywhere; the largest step is at the mouth
+    # corners, where upper and lower lip meet (half way between skull and jaw)
+    assert np.percentile(grad_mm, 99) < 0.06
+    assert np.percentile(d, 99) < 0.3 and d.max() < 0.6
     # eyeballs rigid on their joint; teeth: upper on the neck, lower on the jaw
     eyes = head.region("eyes").numpy()
     assert np.all(W[eyes][:, 3:].max(1) > 0.999)
@@ -127,7 +132,8 @@ def test_no_degenerate_faces(head):
 def test_symmetry(head):
     v = head.v_template
     m = torch.as_tensor(_mirror(v.numpy()), dtype=torch.float32)
-    _, _, dist = closest_point_on_mesh(m, v, head.faces)
+    # candidate faces only: the distance can only be overestimated, so the check stays strict
+    _, _, dist = closest_point_on_mesh(m, v, head.faces, candidates=24)
     assert dist.max().item() < 0.002 and torch.quantile(dist, 0.99).item() < 0.0008
     # mirror pairs of expressions mirror each other (checked on the face landmarks)
     for name in ("mouthSmile", "eyeBlink", "browOuterUp", "mouthFrown", "cheekSquint", "noseSneer"):
@@ -181,9 +187,9 @@ def test_jaw_rotation_opens_mouth(head):
     upper = teeth & (W[:, 1] > 0.5)
     move = (out1.vertices[0] - out0.vertices[0]).norm(dim=-1)
     assert move[lower].min().item() > 0.005
-    assert move[upper].max().item() < 1e-6
+    assert move[upper].max().item() < 1e-5  # float32 round-off only
     # nothing moves above the eyes
-    assert move[head.v_template[:, 1] > 0.02].max().item() < 1e-6
+    assert move[head.v_template[:, 1] > 0.02].max().item() < 1e-5
     # the mouth interior opens with the jaw and stays behind the lips
     cav = head.region("mouth_interior")
     assert move[cav].max().item() > 0.005
@@ -242,7 +248,7 @@ def test_shape_modes_smooth_and_symmetric(head):
         beta[0, s] = 3.0
         shaped = head.shaped_template(beta)[0]
         m = torch.as_tensor(_mirror(shaped.numpy()), dtype=torch.float32)
-        _, _, dist = closest_point_on_mesh(m[::7], shaped, head.faces)
+        _, _, dist = closest_point_on_mesh(m[::4], shaped, head.faces, candidates=24)
         assert dist.max().item() < 0.003, head.shape_names[s]
 
 
@@ -328,8 +334,8 @@ def test_mouth_geometry_structure():
     # cavity floor follows the jaw, roof does not, blended in between
     cav = g.labels == "mouth_interior"
     assert np.all((g.jaw_weight >= 0) & (g.jaw_weight <= 1))
-    assert g.jaw_weight[cav & (g.vertices[:, 1] < -0.01)].min() > 0.5
-    assert g.jaw_weight[cav & (g.vertices[:, 1] > 0.01)].max() < 0.5
+    assert g.jaw_weight[cav & (g.vertices[:, 1] < -0.005)].min() > 0.5
+    assert g.jaw_weight[cav & (g.vertices[:, 1] > 0.005)].max() < 0.5
 
 
 def test_mouth_weld_rim():
@@ -385,6 +391,19 @@ def test_boundary_loops_grid():
     assert sorted(len(l) for l in loops) == [4, 16]
 
 
+def test_closest_point_candidates_match_brute_force():
+    v, f = _octahedron()
+    for _ in range(2):
+        v, f, _ = loop_subdivide(v, f)
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    vt, ft = torch.tensor(v), torch.tensor(f)
+    _, _, d_full = closest_point_on_mesh(p, vt, ft)
+    _, _, d_fast = closest_point_on_mesh(p, vt, ft, candidates=16)
+    assert torch.all(d_fast >= d_full - 1e-12)
+    torch.testing.assert_close(d_fast, d_full, atol=1e-9, rtol=0)
+
+
 def test_closest_point_against_dense_sampling():
     g = torch.Generator().manual_seed(0)
     v = torch.rand(12, 3, generator=g)
@@ -416,4 +435,5 @@ def test_vertex_normals_sphere_and_graph_distance():
     # geodesic from the +x pole to the -x pole ~ pi along mesh edges (a bit longer)
     d = graph_distances(v, f, np.array([int(np.argmax(v[:, 0]))]))
     far = d[int(np.argmin(v[:, 0]))]
-    assert math.pi <= far < math.pi * 1.15
+    # edge chords are shorter than arcs, zig-zags longer
+    assert 0.95 * math.pi <= far < math.pi * 1.15

@@ -92,14 +92,14 @@ def head_half_width(y: np.ndarray, z: np.ndarray, s: HeadShape) -> np.ndarray:
     return _raycast(o, d, s)
 
 
-def lathe_grid(s: HeadShape, n_theta: int = 144, n_cap: int = 22, n_neck: int = 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def lathe_grid(s: HeadShape, n_theta: int = 144, n_cap: int = 22, n_neck: int = 24) -> tuple[np.ndarray, np.ndarray]:
     """Sample the implicit head on rings around a vertical axis.
 
     Rings 0..n_cap-1 are latitudes of rays from ``s.centre`` (crown to the equator), the
     next n_neck rings are horizontal rays from the axis going down to ``s.bottom_y``.
     Returns:
         points: [R, n_theta, 3], param: [R, n_theta, 2] (theta, ring coordinate) used to cut
-        the face hole, ring_y0: [R] nominal ray-origin height of each ring.
+        the face hole.
     """
     C = np.asarray(s.centre, float)
     theta = np.linspace(0, 2 * np.pi, n_theta, endpoint=False) + np.pi / n_theta
@@ -117,7 +117,7 @@ def lathe_grid(s: HeadShape, n_theta: int = 144, n_cap: int = 22, n_neck: int = 
         r = _raycast(o, d, s)
         rings.append(o + r[:, None] * d)
         params.append(np.stack([theta, np.full_like(theta, math.pi / 2 * 0.1 + (C[1] - y))], -1))
-    return np.stack(rings), np.stack(params), None
+    return np.stack(rings), np.stack(params)
 
 
 def point_param(p: np.ndarray, s: HeadShape) -> np.ndarray:
@@ -180,9 +180,9 @@ def _loop_direction(p: np.ndarray) -> float:
 class Skin:
     """Head surface = measured face + procedural rest.
 
-    vertices: [V, 3], faces: [F, 3] (face vertices first, unchanged, then the grid),
-    is_grid: [V] bool, grid_ring: [V] ring index of grid vertices (-1 on the face),
-    bottom_loop: indices of the neck cut ring.
+    vertices: [V, 3], faces: [F, 3] (face vertices first, then the grid and caps),
+    is_grid: [V] bool, grid_ring: [V] ring index of grid vertices (-1 on the face, -2 pole),
+    grid_theta: [V] azimuth of grid vertices (0 elsewhere).
     """
 
     vertices: np.ndarray
@@ -199,9 +199,10 @@ def build_skin(face_v: np.ndarray, face_f: np.ndarray, oval: np.ndarray, s: Head
         face_v: [Vf, 3] face patch vertices; face_f: [Ff, 3] its faces (normals +z).
         oval: ordered vertex ids of the patch's outer boundary.
     Returns:
-        :class:`Skin` whose first Vf vertices are ``face_v``.
+        :class:`Skin` whose first Vf vertices are the face patch (only a band near its outer
+        rim is smoothed; landmark vertices keep their index).
     """
-    grid, param, _ = lathe_grid(s)
+    grid, param = lathe_grid(s)
     R, T = grid.shape[:2]
     # cut the hole: the face outline in lathe parameters, grown by a margin so the zipper band
     # is a real strip
@@ -283,6 +284,13 @@ def build_skin(face_v: np.ndarray, face_f: np.ndarray, oval: np.ndarray, s: Head
         V[move] += 0.5 * (avg[move] - V[move])
         pv = project_to_sdf(V[move], s, steps=2)
         V[move] += proj_w[move][:, None] * (pv - V[move])
+    # the face's outer rim is noisy and meets the grid at a slight angle: a non-shrinking
+    # smoothing of a band around the seam removes the shading streaks
+    from .mesh_utils import taubin_smooth
+
+    band_fixed = ~(dseam < 0.022)
+    band_fixed |= fixed_bottom
+    V = taubin_smooth(V, Fall, iterations=12, lam=0.5, mu=-0.53, fixed=band_fixed)
     ring = -np.ones(len(V), np.int64)
     theta = np.zeros(len(V))
     rr, tt = np.nonzero(keep)
@@ -293,14 +301,15 @@ def build_skin(face_v: np.ndarray, face_f: np.ndarray, oval: np.ndarray, s: Head
 
 
 # ----------------------------------------------------------------------------- eyes
-def eyeball_mesh(centre: np.ndarray, radius: float, n_lat: int = 18, n_lon: int = 28, iris_deg: float = 29.0, cornea_mm: float = 0.7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def eyeball_mesh(centre: np.ndarray, radius: float, n_lon: int = 28, iris_deg: float = 29.0, cornea_mm: float = 0.7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """UV sphere with its pole on +z (the gaze direction) and a corneal bulge over the iris.
 
     Returns:
         vertices [N, 3], faces [T, 3] (outward), polar angle from +z of each vertex [N] (degrees).
     """
-    # latitude rings denser near the front so iris/pupil edges are crisp
-    pol = np.concatenate([[0.0], np.array([5, 10, 16, 23, 29, 35]), np.linspace(45, 175, n_lat - 7)])
+    # latitude rings denser near the front so iris/pupil edges are crisp; one on the
+    # equator (its mean is exactly the centre, used by the joint regressor)
+    pol = np.concatenate([[0.0], np.array([5, 10, 16, 23, 29, 35]), np.arange(45.0, 170.0, 15.0)])
     lon = np.linspace(0, 2 * np.pi, n_lon, endpoint=False)
     verts = [np.array([[0.0, 0.0, 1.0]])]
     ang = [np.array([0.0])]

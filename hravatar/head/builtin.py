@@ -229,7 +229,10 @@ def _assemble() -> tuple[_Head, tuple]:
     sv = V[:n_skin]
     d_up = graph_distances(sv, skin_faces, upper_chain[1:-1])
     d_lo = graph_distances(sv, skin_faces, lower_chain[1:-1])
-    lower_lip = np.clip(0.5 + (d_up - d_lo) / 0.008, 0.0, 1.0)
+    # the split widens towards the mouth corners (angular blend around each corner), so the
+    # upper/lower lip weights meet smoothly there
+    d_corner = graph_distances(sv, skin_faces, np.array([upper_chain[0], upper_chain[-1]]))
+    lower_lip = np.clip(0.5 + 0.5 * (d_up - d_lo) / (0.002 + 0.8 * d_corner), 0.0, 1.0)
     d_mouth = graph_distances(sv, skin_faces, mouth_loop)
     eye_upper_chain, eye_lower_chain, eye_lower, d_eye = [], [], [], []
     for loop, (c0, c1, via) in zip(eye_loops, ((33, 133, 159), (362, 263, 386))):
@@ -345,23 +348,23 @@ def _skinning(h: _Head, joints: np.ndarray) -> np.ndarray:
     w_lip = _smoothstep((h.lower_lip - 0.15) / 0.7)
     near = np.exp(-((h.d_mouth / 0.014) ** 2))
     w = (1 - near) * w_plane + near * w_lip
-    chin_y = h.lmk[152, 1]
-    w *= _smoothstep((X[:, 1] - (chin_y - 0.045)) / 0.033)  # fade down the throat
-    w *= _smoothstep((X[:, 2] - (pivot[2] - 0.022)) / 0.022)  # nothing behind the jaw joint
-    w[h.part == 5] = 0.0
-    skin = np.arange(h.n_skin)
     ws = w.copy()
     ws[: h.n_skin] = smooth_vertex_values(w[: h.n_skin], h.skin_faces, iterations=8, lam=0.5)
     # keep the lip seam sharp: lips take the unsmoothed side split
     lips_close = h.d_mouth < 0.004
     ws[lips_close] = w[lips_close]
     w = ws
+    # smooth spatial fades after the smoothing so the whole chin stays on the jaw
+    chin_y = h.lmk[152, 1]
+    w *= _smoothstep((X[:, 1] - (chin_y - 0.050)) / 0.035)  # fade down the throat
+    w *= _smoothstep((X[:, 2] - (pivot[2] - 0.022)) / 0.022)  # nothing behind the jaw joint
+    w[h.part == 5] = 0.0
     w[h.part == 1] = w[h.anchor[h.part == 1]]
     w[h.upper_teeth] = 0.0
     w[h.lower_teeth] = 1.0
     w[h.cavity] = h.cavity_jaw
     # root on the lower neck, neck joint for the head
-    root_hi, root_lo = joints[1, 1] - 0.035, joints[0, 1] - 0.03
+    root_hi, root_lo = joints[0, 1] + 0.03, joints[0, 1] - 0.04
     w_root = 1.0 - _smoothstep((X[:, 1] - root_lo) / (root_hi - root_lo))
     w_root[h.part == 5] = 0.0
     W = np.zeros((Vn, 5))
@@ -371,7 +374,6 @@ def _skinning(h: _Head, joints: np.ndarray) -> np.ndarray:
     for k, col in ((0, 4), (1, 3)):  # right eye -> eye_r column 4, left -> eye_l column 3
         W[h.eye_idx[k]] = 0.0
         W[h.eye_idx[k], col] = 1.0
-    del skin
     return W / W.sum(1, keepdims=True)
 
 
@@ -464,11 +466,11 @@ class _Fields:
         return self.h.lower_lip
 
 
-def _finish(h: _Head, D: np.ndarray, rigid_eyes: bool = True, teeth: str = "none") -> np.ndarray:
-    """Attach the inner parts to a skin displacement field D [V, 3].
+def _finish(h: _Head, D: np.ndarray, rigid_eyes: bool = True) -> np.ndarray:
+    """Attach the inner parts to a skin displacement field D [V, 3] (returns a new [V, 3]).
 
-    Eyeballs move rigidly with the field at their centre (or stay), the cavity follows its
-    lip rim and fades with depth, teeth follow the chosen side ('none', 'field').
+    Eyeballs move rigidly with their lid opening (or stay), the cavity follows its lip rim
+    and fades with depth, teeth stay (only the jaw moves them).
     """
     D = D.copy()
     for k in range(2):
@@ -480,9 +482,8 @@ def _finish(h: _Head, D: np.ndarray, rigid_eyes: bool = True, teeth: str = "none
             D[ids] = 0.0
     fade = np.clip(1.0 - (h.cavity_depth - 1) / 3.0, 0.0, 1.0)
     D[h.cavity] = D[h.cavity_rim] * fade[:, None]
-    if teeth == "none":
-        D[h.upper_teeth] = 0.0
-        D[h.lower_teeth] = 0.0
+    D[h.upper_teeth] = 0.0
+    D[h.lower_teeth] = 0.0
     return D
 
 
@@ -490,8 +491,12 @@ def _shape_bases(h: _Head, fld: _Fields) -> np.ndarray:
     """[V, 3, S] identity modes (about one standard deviation each at 1.0)."""
     X = h.V
     L = fld.lm
-    face = h.face_mask.astype(float)
-    face_soft = np.clip(face, 0, 1)
+    from .mesh_utils import smooth_vertex_values
+
+    # a soft face weight: a hard face/scalp split would crease the surface at the seam
+    face_soft = h.face_mask.astype(float)
+    face_soft[: h.n_skin] = smooth_vertex_values(face_soft[: h.n_skin], h.skin_faces, iterations=40, lam=0.5)
+    face_soft[h.n_skin:] = face_soft[h.anchor[h.n_skin:]]
     not_neck = _smoothstep((X[:, 1] + 0.12) / 0.04)
     out = []
     x, y, z = X[:, 0], X[:, 1], X[:, 2]
@@ -712,31 +717,19 @@ def _colors(h: _Head, regions: dict[str, np.ndarray], iris_angle) -> np.ndarray:
     return np.clip(C, 0, 1)
 
 
-def _lips_mask(h: _Head, skin) -> np.ndarray:
-    """[V] bool vertices between the outer and the inner lip contour."""
-    from collections import deque
+def _lips_mask(h: _Head) -> np.ndarray:
+    """[V] bool skin vertices between the inner and the outer lip contour.
 
+    A vertex belongs to the lips when it is geodesically closer to the mouth opening than
+    to the outer lip contour (MediaPipe's lip outline), and within 2 cm of the opening.
+    """
     from ._builtin_face import OUTER_LIP
-    from .mesh_utils import vertex_adjacency
-
-    A = vertex_adjacency(h.skin_faces, h.n_skin).tolil()
-    outer = set(OUTER_LIP)
-    # outer contour after subdivision also includes the midpoints between outer vertices
-    V = h.V
-    inside = np.zeros(len(V), bool)
-    seen = set(int(x) for x in h.mouth_loop)
-    q = deque(seen)
-    for v in seen:
-        inside[v] = True
-    # grow from the inner contour, not beyond a distance set by the outer contour
-    d_out = np.full(len(V), np.inf)
     from .mesh_utils import graph_distances
 
-    o_ids = np.array(sorted(outer))
-    d_o = graph_distances(V[: h.n_skin], h.skin_faces, o_ids)
+    inside = np.zeros(len(h.V), bool)
+    d_o = graph_distances(h.V[: h.n_skin], h.skin_faces, np.array(sorted(OUTER_LIP)))
     d_i = h.d_mouth[: h.n_skin]
     inside[: h.n_skin] = (d_i <= d_o + 1e-9) & (d_i < 0.02)
-    del A, q, d_out
     return inside
 
 
@@ -753,7 +746,7 @@ def build_builtin_head() -> HeadModel:
     face_mask = np.zeros(Vn, bool)
     face_mask[: h.n_skin] = ~skin.is_grid
     h.face_mask = face_mask
-    lips = _lips_mask(h, skin)
+    lips = _lips_mask(h)
     regions = _regions(h, lips)
     J = _joint_regressor(h)
     joints = J @ h.V

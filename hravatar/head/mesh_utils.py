@@ -97,20 +97,40 @@ def closest_points_on_triangles(points: Tensor, tri: Tensor) -> tuple[Tensor, Te
     return closest, bary
 
 
-def closest_point_on_mesh(points: Tensor, vertices: Tensor, faces: Tensor, chunk: int = 2_000_000) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact closest surface point of a mesh for each query point (brute force, chunked).
+def closest_point_on_mesh(
+    points: Tensor, vertices: Tensor, faces: Tensor, chunk: int = 2_000_000, candidates: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Closest surface point of a mesh for each query point (brute force, chunked).
 
     Args:
         points: [N, 3].
         vertices: [V, 3].
         faces: [F, 3] int64.
         chunk: max number of point-triangle pairs evaluated at once (memory bound).
+        candidates: if given, only the this many faces with the nearest centroids are
+            tested per point (much faster; exact unless a large face's centroid is far from
+            its closest point, and never an underestimate of the distance).
     Returns:
         face_idx: [N] int64, bary: [N, 3] barycentric coordinates in that face,
         dist: [N] distances.
     """
     tri = vertices[faces]  # [F,3,3]
     F = tri.shape[0]
+    if candidates is not None and candidates < F:
+        cen = tri.mean(1)
+        fidx, bary_out, dist = [], [], []
+        per = max(1, chunk // max(F, 1))
+        for s in range(0, points.shape[0], per):
+            p = points[s:s + per]
+            cand = torch.cdist(p, cen).topk(candidates, dim=1, largest=False).indices  # [n,k]
+            cl, bc = closest_points_on_triangles(p[:, None, :], tri[cand])
+            d = (cl - p[:, None, :]).norm(dim=-1)
+            dm, im = d.min(1)
+            rows = torch.arange(len(im), device=im.device)
+            fidx.append(cand[rows, im])
+            bary_out.append(bc[rows, im])
+            dist.append(dm)
+        return torch.cat(fidx), torch.cat(bary_out), torch.cat(dist)
     per = max(1, chunk // max(F, 1))
     fidx, bary_out, dist = [], [], []
     for s in range(0, points.shape[0], per):

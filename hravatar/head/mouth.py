@@ -242,26 +242,34 @@ def build_mouth_geometry(
     P = len(loop)
     u = np.clip((loop[:, 0] - centre[0]) / max(mouth_half, 1e-9), -1.0, 1.0)
     ang_h = np.sqrt(np.clip(1.0 - u * u, 0.0, 1.0))
-    back_z = min(pivot[2] + 12.0 * mm, front_z - depth - 6.0 * mm)
+    back_z = min(pivot[2] + 12.0 * mm, front_z - depth - 12.0 * mm)
     back_z = max(back_z, front_z - depth - 25.0 * mm)
     rings = [loop.copy()]
-    W, H_up, H_lo = half_w + 4.0 * mm, 13.0 * mm, 14.0 * mm
+    H_up, H_lo = 13.0 * mm, 14.0 * mm
+    # rounded-rectangle cross-section: full height out to the molars at the sides
+    box_h = (1.0 - np.abs(u) ** 4) ** 0.25
+    # the vestibule hugs the dental arch ~3 mm outside the teeth (lips and cheeks lie on
+    # them), so the bag encloses the teeth without poking through the cheeks
+    th = u * math.radians(95.0)
+    ax = (half_w + 5.0 * mm) / math.sin(math.radians(95.0))
+    bz = depth / (1.0 - math.cos(math.radians(95.0)))
+    vest_x = centre[0] + ax * np.sin(th)
+    vest_z = np.minimum(front_z + 2.5 * mm - bz * (1.0 - np.cos(th)), loop[:, 2])
+    t_vest = 0.25
     for r in range(1, n_rings + 1):
         t = r / n_rings
-        # each ring point recedes from its own lip depth; widening starts only once the ring
-        # is well behind the lips so the bag never pokes through the cheeks at the corners
-        depth_f = t ** 0.7
-        grow = _smoothstep((t - 0.05) / 0.35)
-        shrink = 1.0 - 0.45 * _smoothstep((t - 0.75) / 0.25)  # narrow to the pharynx
-        ex = centre[0] + u * W * shrink
-        ey = centre[1] + np.where(side >= 0, H_up * ang_h, -H_lo * ang_h) * shrink
+        grow = _smoothstep(t / t_vest)
+        shrink = 1.0 - 0.3 * _smoothstep((t - 0.85) / 0.15)  # narrow to the pharynx, behind the molars
+        ey = centre[1] + np.where(side >= 0, H_up * box_h, -H_lo * box_h) * shrink
         # tongue: raise the middle of the floor in the middle of the cavity
-        tongue = np.where(side < 0, 8.0 * mm * (1.0 - u * u) ** 2 * np.sin(np.pi * np.clip((t - 0.1) / 0.85, 0, 1)), 0.0)
+        tongue = np.where(side < 0, 8.0 * mm * (1.0 - u * u) ** 2 * np.sin(np.pi * np.clip((t - 0.2) / 0.8, 0, 1)), 0.0)
         ey = ey + tongue
         ring = loop.copy()
-        ring[:, 0] += (ex - loop[:, 0]) * grow
+        ring[:, 0] += (centre[0] + (vest_x - centre[0]) * shrink - loop[:, 0]) * grow
         ring[:, 1] += (ey - loop[:, 1]) * grow
-        ring[:, 2] = loop[:, 2] + (back_z - loop[:, 2]) * depth_f
+        back = np.clip((t - t_vest) / (1.0 - t_vest), 0.0, 1.0) ** 0.8
+        z_front = loop[:, 2] + (vest_z - loop[:, 2]) * grow
+        ring[:, 2] = z_front + (np.minimum(back_z, vest_z - 6.0 * mm) - z_front) * back
         rings.append(ring)
     cav_v = np.concatenate(rings, 0)
     cav_f = []
@@ -281,7 +289,7 @@ def build_mouth_geometry(
     # --- jaw weights: the roof stays with the skull, the floor follows the jaw, blended
     # around the corners (where the two lips meet) so the bag stretches smoothly
     side_w = np.where(side > 0, 0.0, np.where(side < 0, 1.0, 0.5))
-    blend = np.clip(ang_h / 0.35, 0.0, 1.0)
+    blend = np.clip(ang_h / 0.8, 0.0, 1.0)
     ring_w = 0.5 + (side_w - 0.5) * _smoothstep(blend)
     jw_cav = np.concatenate([np.tile(ring_w, n_rings + 1), [0.5]])
     jw_cav[:P] = side_w  # the rim is the lips themselves
