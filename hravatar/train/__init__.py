@@ -1,0 +1,1 @@
+"""Training of the Gaussian head avatar (densification strategy, optimisation loop)."""

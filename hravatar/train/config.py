@@ -1,0 +1,150 @@
+"""Training hyper-parameters (defaults = the paper's; profiles override a few)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from hravatar.avatar.config import AvatarConfig
+
+
+@dataclass
+class LightConfig:
+    """Learned lighting (method: irradiance 16^2, specular 32^2 with 4 levels, sigmoid, lr 5e-2)."""
+
+    irr_res: int = 16
+    spec_res: int = 32
+    num_levels: int = 4
+    activation: str = "sigmoid"
+    mode: str = "direct"
+    init_value: float = 0.5
+
+
+@dataclass
+class LossConfig:
+    """Loss weights: L = 0.8 L1 + 0.2 D-SSIM + 0.1 jaw + l_n normal + 0.25 albedo + 0.02 TV(rough)."""
+
+    l1: float = 0.8
+    dssim: float = 0.2
+    jaw: float = 0.1
+    normal: float = 1e-2  # implementation's weight (paper: 1e-5)
+    normal_alpha_min: float = 0.9  # "confident alpha" pixels for the normal loss
+    albedo: float = 0.25  # only when the dataset has pseudo-albedo maps
+    albedo_every: int = 3
+    rough_tv: float = 0.02
+    alpha_mask: float = 0.0  # optional extra: L1 between rendered alpha and the foreground mask
+
+
+@dataclass
+class LRConfig:
+    """Learning rates and schedules (Adam)."""
+
+    means: float = 5e-4
+    means_final: float = 5e-6
+    means_delay_mult: float = 0.01
+    opacities: float = 0.05
+    scales: float = 5e-3
+    quats: float = 1e-3
+    material: float = 5e-3  # albedo, roughness, f0
+    material_final_ratio: float = 1e-2
+    bases: float = 1e-6  # shape / expression / pose-corrective / eyelid bases
+    lbs_weights: float = 1e-4
+    global_scale: float = 1e-5
+    encoder: float = 5e-5
+    light: float = 5e-2
+
+
+@dataclass
+class DensifySettings:
+    """3DGS densification (method: every 500 from 1000 to end-500, grad 3e-4, reset 3000)."""
+
+    start: int = 1000
+    every: int = 500
+    stop_before_end: int = 500
+    grad_threshold: float = 3e-4
+    reset_every: int = 3000
+    prune_opacity: float = 0.005
+    screen_prune_after: int = 3000
+    max_gaussians: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs (saved inside every checkpoint).
+
+    ``iterations`` None means ``epochs * num_train_frames`` (method: 15 epochs).
+    Ablation switches (the method's table): ``deformation`` "learnable" (full), "fixed" (bases
+    and LBS weights frozen at their mesh initialisation), "rigged" (Gaussians rigged to the head
+    mesh: bases and weights frozen, i.e. deformation as the tracked mesh), and ``encoder`` False
+    (pre-tracked expressions), ``shading`` "pbr" or "color" (plain colour per Gaussian).
+    """
+
+    profile: str = "full"
+    resolution: int = 512
+    epochs: int = 15
+    iterations: int | None = None
+    albedo_warmup: int = 1500
+    encoder: bool = True
+    encoder_pretrain_iters: int = 2000
+    encoder_res: int = 224
+    deformation: str = "learnable"
+    shading: str = "pbr"
+    camera_response: str = "none"  # "none" (method: shading output compared to pixels) or "srgb"
+    checkpoint_every: int = 1000
+    eval_every: int = 1000
+    eval_frames: int = 8
+    preview_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    avatar: AvatarConfig = field(default_factory=AvatarConfig)
+    light: LightConfig = field(default_factory=LightConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lr: LRConfig = field(default_factory=LRConfig)
+    densify: DensifySettings = field(default_factory=DensifySettings)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        sub = {"avatar": AvatarConfig, "light": LightConfig, "loss": LossConfig, "lr": LRConfig, "densify": DensifySettings}
+        kw = {}
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            v = d[f.name]
+            if f.name in sub:
+                names = {x.name for x in fields(sub[f.name])}
+                v = sub[f.name](**{k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items() if k in names})
+            kw[f.name] = v
+        return cls(**kw)
+
+
+def profile_config(name: str) -> TrainConfig:
+    """The named profile.
+
+    "full": the method's schedule at 512x512 (for a GPU).
+    "quick": CPU-friendly: 256x256, ~20K Gaussians, a few thousand iterations with the
+    densification/lighting schedule compressed to fit.
+    """
+    if name == "full":
+        return TrainConfig(profile="full")
+    if name == "quick":
+        return TrainConfig(
+            profile="quick",
+            resolution=256,
+            iterations=3000,
+            albedo_warmup=300,
+            encoder_pretrain_iters=300,
+            encoder_res=224,
+            checkpoint_every=250,
+            eval_every=500,
+            eval_frames=4,
+            preview_every=250,
+            avatar=AvatarConfig(num_gaussians=20000, init_mode="surface"),
+            densify=DensifySettings(start=500, every=250, stop_before_end=500, reset_every=100000,
+                                    grad_threshold=3e-4, screen_prune_after=1000, max_gaussians=30000),
+        )
+    raise ValueError(f"unknown profile '{name}' (choose quick or full)")
+
+
+def with_overrides(cfg: TrainConfig, **kw) -> TrainConfig:
+    return replace(cfg, **kw)

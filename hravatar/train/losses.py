@@ -1,0 +1,97 @@
+"""Training losses of the method (differentiable, batched over one image)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hravatar.render.camera import Camera
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5, device=None, dtype=torch.float32) -> Tensor:
+    """[size] normalised 1D Gaussian."""
+    x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim_map(a: Tensor, b: Tensor, size: int = 11, sigma: float = 1.5) -> Tensor:
+    """Per-pixel SSIM (Wang et al.) of [H, W, C] images in [0, 1], "same" (zero) padding as 3DGS.
+
+    Returns:
+        [H, W, C].
+    """
+    C = a.shape[-1]
+    x = a.permute(2, 0, 1)[None]
+    y = b.permute(2, 0, 1)[None]
+    g = gaussian_window(size, sigma, a.device, a.dtype)
+    w = (g[:, None] * g[None, :]).expand(C, 1, size, size)
+    blur = lambda t: F.conv2d(t, w, padding=size // 2, groups=C)  # noqa: E731
+    mu_x, mu_y = blur(x), blur(y)
+    sxx = blur(x * x) - mu_x**2
+    syy = blur(y * y) - mu_y**2
+    sxy = blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return s[0].permute(1, 2, 0)
+
+
+def photometric_loss(pred: Tensor, gt: Tensor, w_l1: float = 0.8, w_dssim: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_rgb = w_l1 * L1 + w_dssim * (1 - SSIM) for [H, W, 3] images."""
+    l1 = (pred - gt).abs().mean()
+    dssim = 1.0 - ssim_map(pred, gt).mean()
+    return w_l1 * l1 + w_dssim * dssim, {"l1": l1.detach(), "dssim": dssim.detach()}
+
+
+def normals_from_depth(depth: Tensor, camera: Camera) -> Tensor:
+    """World-space normals from finite differences of the back-projected depth map.
+
+    Args:
+        depth: [H, W, 1] camera-space z.
+        camera: the camera the depth was rendered with.
+    Returns:
+        [H, W, 3] unit normals facing the camera (zeros on the 1-pixel border).
+    """
+    H, W = depth.shape[:2]
+    dev, dt = depth.device, depth.dtype
+    ys, xs = torch.meshgrid(torch.arange(H, device=dev, dtype=dt) + 0.5, torch.arange(W, device=dev, dtype=dt) + 0.5, indexing="ij")
+    K = camera.K.to(depth)
+    z = depth[..., 0]
+    p = torch.stack([(xs - K[0, 2]) / K[0, 0] * z, (ys - K[1, 2]) / K[1, 1] * z, z], -1)  # camera space
+    dx = p[1:-1, 2:] - p[1:-1, :-2]
+    dy = p[2:, 1:-1] - p[:-2, 1:-1]
+    n_cam = F.normalize(torch.linalg.cross(dx, dy, dim=-1), dim=-1)
+    # OpenCV camera: facing the camera means negative z in camera space
+    n_cam = torch.where(n_cam[..., 2:3] > 0, -n_cam, n_cam)
+    R = camera.viewmat[:3, :3].to(depth)
+    n_world = n_cam @ R  # R^T n
+    out = torch.zeros(H, W, 3, device=dev, dtype=dt)
+    out[1:-1, 1:-1] = n_world
+    return out
+
+
+def normal_consistency_loss(normal: Tensor, depth_normal: Tensor, alpha: Tensor, alpha_min: float = 0.9) -> Tensor:
+    """Mean over confident-alpha pixels of (1 - <N_rendered, N_from_depth>); depth normals are not differentiated."""
+    m = (alpha[..., 0] > alpha_min) & (depth_normal.abs().sum(-1) > 0)
+    if not m.any():
+        return normal.sum() * 0
+    return (1 - (normal[m] * depth_normal[m].detach()).sum(-1)).mean()
+
+
+def total_variation(img: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean absolute TV of an [H, W, C] map (optionally restricted to mask [H, W, 1] > 0.5)."""
+    dx = (img[:, 1:] - img[:, :-1]).abs()
+    dy = (img[1:] - img[:-1]).abs()
+    if mask is not None:
+        m = mask[..., 0] > 0.5
+        dx = dx[m[:, 1:] & m[:, :-1]]
+        dy = dy[m[1:] & m[:-1]]
+        if dx.numel() + dy.numel() == 0:
+            return img.sum() * 0
+        return (dx.sum() + dy.sum()) / (dx.numel() + dy.numel())
+    return dx.mean() + dy.mean()
+
+
+def jaw_loss(jaw_pred: Tensor, jaw_tracked: Tensor) -> Tensor:
+    """Squared distance between encoder jaw pose [B,3] and the pre-tracked jaw pose [B,3]."""
+    return ((jaw_pred - jaw_tracked) ** 2).sum(-1).mean()

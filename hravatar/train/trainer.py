@@ -1,0 +1,444 @@
+"""The HRAvatar optimisation: one trainer for every profile and ablation, resumable, event-driven."""
+from __future__ import annotations
+
+import errno
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hravatar.avatar.gaussians import FrameParams, GaussianAvatar
+from hravatar.io.checkpoint import AvatarBundle, save_checkpoint
+from hravatar.io.safe import CheckpointError
+from hravatar.render.camera import Camera
+from hravatar.render.pipeline import render_gbuffers, shade_gbuffers
+
+from .config import TrainConfig
+from .events import EventBus
+from .losses import jaw_loss, normal_consistency_loss, normals_from_depth, photometric_loss, total_variation
+from .state import load_optimizer_tensors, load_train_state, optimizer_tensors, save_train_state
+
+#: Which learning-rate group each per-Gaussian parameter belongs to.
+PARAM_GROUPS = {
+    "means": "means", "quats": "quats", "scales": "scales", "opacities": "opacities",
+    "albedo": "material", "roughness": "material", "f0": "material",
+    "shapedirs": "bases", "exprdirs": "bases", "posedirs": "bases", "eyelid_dirs": "bases",
+    "lbs_weights": "lbs_weights",
+}
+DEFORMATION_KEYS = ("shapedirs", "exprdirs", "posedirs", "eyelid_dirs", "lbs_weights")
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (NaN, disk full, user request); the message is one line."""
+
+
+def expon_lr(step: int, lr_init: float, lr_final: float, max_steps: int, delay_steps: int = 0, delay_mult: float = 1.0) -> float:
+    """3DGS's log-linear learning-rate decay with an optional sinusoidal warm-up delay."""
+    if lr_init == 0.0 and lr_final == 0.0:
+        return 0.0
+    delay = 1.0
+    if delay_steps > 0:
+        delay = delay_mult + (1 - delay_mult) * math.sin(0.5 * math.pi * min(max(step / delay_steps, 0.0), 1.0))
+    t = min(max(step / max(max_steps, 1), 0.0), 1.0)
+    return delay * math.exp(math.log(lr_init) * (1 - t) + math.log(lr_final) * t)
+
+
+def camera_response(rgb: Tensor, kind: str) -> Tensor:
+    """Map linear shading output to pixel values: "none" (the method) or "srgb"."""
+    if kind == "none":
+        return rgb
+    if kind == "srgb":
+        from hravatar.shading import srgb_oetf
+
+        return srgb_oetf(rgb.clamp(0.0, 1.0))
+    raise ValueError(f"unknown camera response '{kind}'")
+
+
+def head_spec_from_identity(identity: str) -> str:
+    """The ``load_head_model`` spec a dataset's head identity refers to."""
+    if identity.startswith(("flame:", "ict:")):
+        return identity.rsplit(":", 1)[0] if identity.count(":") > 1 else identity
+    return "builtin"
+
+
+class Trainer:
+    """Optimises a :class:`GaussianAvatar`, learned lighting and the expression encoder.
+
+    Args:
+        data_root: a dataset in the hravatar format (docs/dataset-format.md).
+        run_dir: output folder: ``avatar.safetensors`` (checkpoint), ``state.safetensors``
+            (resumable state), ``events.jsonl``, ``previews/``.
+        config: :class:`TrainConfig`.
+        device: torch device (CUDA when available if None).
+        bus: event bus; listeners subscribe to it.
+    """
+
+    def __init__(self, data_root: str | Path, run_dir: str | Path, config: TrainConfig, device=None, bus: EventBus | None = None,
+                 head=None) -> None:
+        from hravatar.data import HeadVideoDataset
+
+        self.cfg = config
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.bus = bus or EventBus()
+        self.train_set = HeadVideoDataset(data_root, "train", resolution=config.resolution, device=self.device)
+        self.test_set = HeadVideoDataset(data_root, "test", resolution=config.resolution, device=self.device)
+        self.data_root = Path(data_root)
+        n_train = len(self.train_set)
+        self.total = config.iterations or config.epochs * n_train
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        if head is None:
+            from hravatar.head import load_head_model
+
+            head = load_head_model(head_spec_from_identity(self.train_set.meta.head))
+        self.avatar = GaussianAvatar.from_head(head, config.avatar, beta=self.train_set.beta.cpu()).to(self.device)
+        self._init_lighting()
+        self._init_encoder()
+        from hravatar.shading import load_brdf_lut
+
+        self.brdf_lut = load_brdf_lut(self.device)
+        self._build_optimizers()
+        self._init_strategy()
+        self.iteration = 0
+        self._order: list[int] = []
+        self._t0 = time.time()
+        self._it_times: list[float] = []
+
+    # ------------------------------------------------------------------ setup
+    def _init_lighting(self) -> None:
+        from hravatar.shading import LearnedLighting
+
+        self.light = LearnedLighting(**asdict(self.cfg.light)).to(self.device)
+
+    def _init_encoder(self) -> None:
+        self.encoder = None
+        self.crop_boxes = None
+        if not self.cfg.encoder:
+            return
+        from hravatar.encoder import EncoderConfig, ExpressionEncoder
+
+        self.encoder = ExpressionEncoder(EncoderConfig(n_expr=self.avatar.num_expr)).to(self.device)
+        self.crop_boxes = {"train": self._crop_boxes(self.train_set), "test": self._crop_boxes(self.test_set)}
+
+    def _crop_boxes(self, ds) -> Tensor:
+        """[T, 4] face-crop boxes (cx, cy, size) per frame, smoothed over time (same at train/test)."""
+        from hravatar.encoder.crop import box_from_mask, crop_box_from_landmarks, smooth_boxes
+
+        boxes = []
+        for i in range(len(ds)):
+            s = ds[i]
+            if s.landmarks is not None:
+                boxes.append(crop_box_from_landmarks(s.landmarks[None].to(self.device), scale=1.4)[0])
+            else:
+                boxes.append(box_from_mask(s.mask.permute(2, 0, 1)[None].to(self.device), scale=1.1)[0])
+        return smooth_boxes(torch.stack(boxes), 5)
+
+    def _param_lr(self, key: str) -> float:
+        lr = self.cfg.lr
+        group = PARAM_GROUPS[key]
+        if group == "material":
+            return lr.material
+        if group in ("bases", "lbs_weights") and self.cfg.deformation != "learnable":
+            return 0.0
+        return {"means": lr.means, "quats": lr.quats, "scales": lr.scales, "opacities": lr.opacities,
+                "bases": lr.bases, "lbs_weights": lr.lbs_weights}[group]
+
+    def _build_optimizers(self) -> None:
+        """One Adam per per-Gaussian parameter (what the densification strategy expects)."""
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        for k, p in self.avatar.params.items():
+            self.optimizers[k] = torch.optim.Adam([p], lr=self._param_lr(k), eps=1e-15)
+        self.extra_optimizers: dict[str, torch.optim.Optimizer] = {
+            "global_scale": torch.optim.Adam([self.avatar.log_global_scale], lr=self.cfg.lr.global_scale),
+            "light": torch.optim.Adam(self.light.parameters(), lr=self.cfg.lr.light),
+        }
+        if self.encoder is not None:
+            self.extra_optimizers["encoder"] = torch.optim.Adam(self.encoder.parameters(), lr=self.cfg.lr.encoder)
+
+    def _init_strategy(self) -> None:
+        from .strategy import DensifyConfig, DensifyStrategy
+
+        d = self.cfg.densify
+        self.strategy = DensifyStrategy(DensifyConfig(
+            refine_start_iter=d.start, refine_every=d.every, refine_stop_iter=max(self.total - d.stop_before_end, 0),
+            grow_grad2d=d.grad_threshold, reset_every=d.reset_every, prune_opa=d.prune_opacity,
+            refine_scale2d_stop_iter=d.screen_prune_after, max_gaussians=d.max_gaussians,
+        ))
+        with torch.no_grad():
+            m = self.avatar.params["means"]
+            scene_scale = float((m - m.mean(0)).norm(dim=-1).max()) * 1.1
+        self.strategy_state = self.strategy.initialize_state(scene_scale=scene_scale)
+
+    # ------------------------------------------------------------------ schedules
+    def _update_lrs(self, it: int) -> dict[str, float]:
+        lr = self.cfg.lr
+        means_lr = expon_lr(it, lr.means, lr.means_final, self.total, 0, lr.means_delay_mult)
+        mat_lr = expon_lr(it, lr.material, lr.material * lr.material_final_ratio, self.total)
+        for k, opt in self.optimizers.items():
+            g = PARAM_GROUPS[k]
+            if g == "means":
+                opt.param_groups[0]["lr"] = means_lr
+            elif g == "material":
+                opt.param_groups[0]["lr"] = mat_lr
+        return {"means": means_lr, "material": mat_lr}
+
+    # ------------------------------------------------------------------ model evaluation
+    def frame_params(self, ds, split: str, i: int, image: Tensor | None = None) -> tuple[FrameParams, dict | None]:
+        """Driving parameters of frame i: pre-tracked, with the encoder's expression/eyelids/jaw."""
+        s = ds[i]
+        f = s.params.to(self.device)
+        if self.encoder is None:
+            return f, None
+        from hravatar.encoder.crop import crop_and_resize
+
+        img = (image if image is not None else s.image).to(self.device).permute(2, 0, 1)[None]
+        crop = crop_and_resize(img, self.crop_boxes[split][i : i + 1], out=self.cfg.encoder_res)
+        enc = self.encoder(crop)
+        pose = f.pose.clone()
+        pose[:, 2] = enc["jaw"]
+        return FrameParams(enc["expr"], pose, enc["eyelids"], f.transl), enc
+
+    def render(self, frame: FrameParams, camera: Camera, iteration: int | None = None, env=None) -> dict[str, Tensor]:
+        """Forward model: dict with "rgb" [H,W,3] (pixel values over black), G-buffers, "gb"."""
+        g = self.avatar.deform(frame)
+        gb = render_gbuffers(g, camera)
+        warm = iteration is not None and iteration < self.cfg.albedo_warmup
+        if self.cfg.shading == "color" or warm:
+            rgb = gb.albedo
+        else:
+            sh = shade_gbuffers(gb, camera, env if env is not None else self.light.environment(), self.brdf_lut)
+            rgb = camera_response(sh["shaded"], self.cfg.camera_response)
+        return {"rgb": rgb * gb.alpha, "gb": gb}
+
+    # ------------------------------------------------------------------ training
+    def _next_index(self) -> int:
+        if not self._order:
+            g = torch.Generator().manual_seed(self.cfg.seed * 100003 + self.iteration)
+            self._order = torch.randperm(len(self.train_set), generator=g).tolist()
+        return self._order.pop()
+
+    def pretrain_encoder(self) -> None:
+        """Regress the encoder onto the pre-tracked expression/eyelids/jaw (no SMIRK weights)."""
+        if self.encoder is None or self.cfg.encoder_pretrain_iters <= 0:
+            return
+        opt = torch.optim.Adam(self.encoder.parameters(), lr=1e-4)
+        from hravatar.encoder.crop import crop_and_resize
+
+        n = len(self.train_set)
+        for it in range(self.cfg.encoder_pretrain_iters):
+            idx = [random.randrange(n) for _ in range(4)]
+            imgs = torch.stack([self.train_set[i].image for i in idx]).to(self.device).permute(0, 3, 1, 2)
+            crops = crop_and_resize(imgs, self.crop_boxes["train"][idx], out=self.cfg.encoder_res)
+            out = self.encoder(crops)
+            f = self.train_set.frame_params(idx).to(self.device)
+            E = out["expr"].shape[-1]
+            loss = ((out["expr"] - f.expr[:, :E]) ** 2).mean() + ((out["eyelids"] - f.eyelids) ** 2).mean() \
+                + ((out["jaw"] - f.pose[:, 2]) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if it % 20 == 0:
+                self.bus.emit("encoder_pretrain", it, loss=float(loss), total=self.cfg.encoder_pretrain_iters)
+
+    def train_step(self) -> dict[str, float]:
+        it = self.iteration
+        cfg = self.cfg
+        lrs = self._update_lrs(it)
+        i = self._next_index()
+        s = self.train_set[i]
+        frame, enc = self.frame_params(self.train_set, "train", i)
+        cam = s.camera.to(self.device)
+        out = self.render(frame, cam, iteration=it)
+        gb = out["gb"]
+        info = gb.raster.info()
+        self.strategy.step_pre_backward(self.avatar.params, self.optimizers, self.strategy_state, it, info)
+        gt = s.image.to(self.device)
+        loss, logs = photometric_loss(out["rgb"], gt, cfg.loss.l1, cfg.loss.dssim)
+        if enc is not None and cfg.loss.jaw > 0:
+            lj = jaw_loss(enc["jaw"], s.params.pose[:, 2].to(self.device))
+            loss = loss + cfg.loss.jaw * lj
+            logs["jaw"] = lj.detach()
+        if cfg.loss.normal > 0:
+            dn = normals_from_depth(gb.depth.detach(), cam)
+            ln = normal_consistency_loss(gb.normal, dn, gb.alpha, cfg.loss.normal_alpha_min)
+            loss = loss + cfg.loss.normal * ln
+            logs["normal"] = ln.detach()
+        if cfg.loss.rough_tv > 0 and cfg.shading == "pbr":
+            tv = total_variation(gb.roughness, s.mask.to(self.device))
+            loss = loss + cfg.loss.rough_tv * tv
+            logs["rough_tv"] = tv.detach()
+        if cfg.loss.albedo > 0 and s.albedo is not None and it % cfg.loss.albedo_every == 0:
+            la = ((gb.albedo - s.albedo.to(self.device)).abs() * s.mask.to(self.device)).mean()
+            loss = loss + cfg.loss.albedo * la
+            logs["albedo"] = la.detach()
+        if cfg.loss.alpha_mask > 0:
+            lm = (gb.alpha - s.mask.to(self.device)).abs().mean()
+            loss = loss + cfg.loss.alpha_mask * lm
+            logs["mask"] = lm.detach()
+        if not torch.isfinite(loss):
+            raise TrainingStopped(f"loss became {float(loss)} at iteration {it}; the last good checkpoint is kept in {self.run_dir}")
+        loss.backward()
+        self.strategy.step_post_backward(self.avatar.params, self.optimizers, self.strategy_state, it, info, packed=False)
+        for opt in list(self.optimizers.values()) + list(self.extra_optimizers.values()):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        logs["total"] = loss.detach()
+        self.iteration += 1
+        return {k: float(v) for k, v in logs.items()} | {"_lr_means": lrs["means"]}
+
+    # ------------------------------------------------------------------ evaluation during training
+    @torch.no_grad()
+    def quick_eval(self, n: int | None = None) -> dict[str, float]:
+        from hravatar.eval.metrics import psnr
+
+        n = min(n or self.cfg.eval_frames, len(self.test_set))
+        idx = np.linspace(0, len(self.test_set) - 1, n).round().astype(int).tolist() if n > 0 else []
+        vals = []
+        for i in idx:
+            s = self.test_set[i]
+            frame, _ = self.frame_params(self.test_set, "test", i)
+            out = self.render(frame, s.camera.to(self.device))
+            vals.append(psnr(out["rgb"].clamp(0, 1), s.image.to(self.device)))
+        return {"psnr": float(np.mean(vals)) if vals else float("nan")}
+
+    @torch.no_grad()
+    def save_preview(self) -> Path:
+        import imageio.v3 as iio
+
+        from hravatar.io.safe import atomic_write_bytes
+
+        s = self.test_set[0] if len(self.test_set) else self.train_set[0]
+        split = "test" if len(self.test_set) else "train"
+        frame, _ = self.frame_params(self.test_set if split == "test" else self.train_set, split, 0)
+        out = self.render(frame, s.camera.to(self.device), iteration=self.iteration)
+        img = torch.cat([s.image.to(self.device), out["rgb"].clamp(0, 1)], 1)
+        arr = (img.cpu().numpy() * 255 + 0.5).astype(np.uint8)
+        path = self.run_dir / "previews" / f"{self.iteration:06d}.png"
+        atomic_write_bytes(path, iio.imwrite("<bytes>", arr, extension=".png"))
+        return path
+
+    # ------------------------------------------------------------------ checkpoints
+    def bundle(self) -> AvatarBundle:
+        """The current avatar as a checkpoint bundle (learned light, encoder, tracked sequence)."""
+        extra = {}
+        if self.encoder is not None:
+            extra = {f"encoder.{k}": v.detach() for k, v in self.encoder.state_dict().items()}
+        ts = self.train_set
+        seq = ts.frame_params(list(range(len(ts))))
+        cam = ts[0].camera
+        return AvatarBundle(
+            self.avatar, {k: v.detach() for k, v in self.light.state_dict().items()}, asdict(self.cfg.light), seq, cam, extra,
+            {"data": {"root": str(self.data_root), "frames": len(ts) + len(self.test_set), "train": len(ts),
+                      "test": len(self.test_set), "head": ts.meta.head},
+             "train": {"iteration": self.iteration, "total": self.total, "profile": self.cfg.profile},
+             "train_config": self.cfg.to_dict()},
+        )
+
+    def save(self) -> Path:
+        """Write ``avatar.safetensors`` and ``state.safetensors`` atomically; returns the checkpoint path."""
+        ck = self.run_dir / "avatar.safetensors"
+        try:
+            save_checkpoint(ck, self.bundle())
+            t: dict[str, Tensor] = {}
+            meta: dict = {"iteration": self.iteration, "total": self.total, "order": self._order, "config": self.cfg.to_dict(),
+                          "optimizers": {}}
+            for k, v in self.avatar.params.items():
+                t[f"params.{k}"] = v.detach()
+            t["global_scale"] = self.avatar.log_global_scale.detach().reshape(1)
+            for k, v in self.light.state_dict().items():
+                t[f"light.{k}"] = v
+            if self.encoder is not None:
+                for k, v in self.encoder.state_dict().items():
+                    t[f"encoder.{k}"] = v
+            for name, opt in list(self.optimizers.items()) + [(f"x_{k}", o) for k, o in self.extra_optimizers.items()]:
+                ot, om = optimizer_tensors(f"opt.{name}", opt)
+                t.update(ot)
+                meta["optimizers"][name] = om
+            st_meta = {}
+            for k, v in self.strategy_state.items():
+                if torch.is_tensor(v):
+                    t[f"strategy.{k}"] = v
+                else:
+                    st_meta[k] = v
+            meta["strategy"] = st_meta
+            t["rng.torch"] = torch.get_rng_state()
+            save_train_state(self.run_dir / "state.safetensors", t, meta)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise TrainingStopped(f"disk full while writing a checkpoint in {self.run_dir}; the previous checkpoint is intact") from None
+            raise
+        return ck
+
+    def resume(self) -> bool:
+        """Continue from ``state.safetensors`` if present. Returns whether a state was loaded."""
+        path = self.run_dir / "state.safetensors"
+        if not path.exists():
+            return False
+        t, meta = load_train_state(path)
+        if meta["config"] != self.cfg.to_dict():
+            raise CheckpointError(f"{path}: was written with a different configuration; use the same profile/options or a new --out")
+        with torch.no_grad():
+            for k in list(self.avatar.params.keys()):
+                self.avatar.params[k] = nn.Parameter(t[f"params.{k}"].to(self.device))
+            self.avatar.log_global_scale.copy_(t["global_scale"].reshape(()))
+            self.light.load_state_dict({k[len("light."):]: v for k, v in t.items() if k.startswith("light.")})
+            if self.encoder is not None:
+                self.encoder.load_state_dict({k[len("encoder."):]: v for k, v in t.items() if k.startswith("encoder.")})
+        self._build_optimizers()
+        for name, opt in list(self.optimizers.items()) + [(f"x_{k}", o) for k, o in self.extra_optimizers.items()]:
+            load_optimizer_tensors(f"opt.{name}", opt, {k: v.to(self.device) for k, v in t.items()}, meta["optimizers"][name])
+        self.strategy_state = dict(meta.get("strategy", {}))
+        for k, v in t.items():
+            if k.startswith("strategy."):
+                self.strategy_state[k[len("strategy."):]] = v.to(self.device)
+        self.iteration = int(meta["iteration"])
+        self._order = list(meta.get("order", []))
+        torch.set_rng_state(t["rng.torch"])
+        return True
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, resume: bool = False, stop_flag=None) -> Path:
+        """Train to the end (or until ``stop_flag()`` is true); returns the checkpoint path."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume() if resume else False
+        if not resumed and self.iteration == 0:
+            self.pretrain_encoder()
+        cfg = self.cfg
+        self.bus.emit("start", self.iteration, total=self.total, num_gaussians=self.avatar.num_gaussians,
+                      resumed=resumed, device=str(self.device), profile=cfg.profile)
+        t_last = time.time()
+        it_last = self.iteration
+        try:
+            while self.iteration < self.total:
+                if stop_flag is not None and stop_flag():
+                    self.save()
+                    self.bus.emit("stopped", self.iteration, path=str(self.run_dir / "avatar.safetensors"))
+                    return self.run_dir / "avatar.safetensors"
+                logs = self.train_step()
+                it = self.iteration
+                if it % cfg.log_every == 0 or it == self.total:
+                    now = time.time()
+                    its = (it - it_last) / max(now - t_last, 1e-9)
+                    t_last, it_last = now, it
+                    lr_means = logs.pop("_lr_means")
+                    self.bus.emit("iter", it, losses=logs, lrs={"means": lr_means}, num_gaussians=self.avatar.num_gaussians,
+                                  its=its, eta_s=(self.total - it) / max(its, 1e-9), total=self.total)
+                if it % cfg.eval_every == 0 or it == self.total:
+                    self.bus.emit("eval", it, **self.quick_eval())
+                if it % cfg.preview_every == 0:
+                    self.bus.emit("preview", it, path=str(self.save_preview()))
+                if it % cfg.checkpoint_every == 0 and it < self.total:
+                    self.bus.emit("checkpoint", it, path=str(self.save()))
+            path = self.save()
+            self.bus.emit("done", self.iteration, path=str(path))
+            return path
+        except TrainingStopped as e:
+            self.bus.emit("error", self.iteration, message=str(e))
+            raise
