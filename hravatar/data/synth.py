@@ -192,3 +192,129 @@ def make_sequence(head: HeadModel, n: int, fps: float, seed: int, amplitude: flo
                 eyelids[c + k] = max(float(eyelids[c + k, 0]), math.cos(k / 4 * math.pi / 2) ** 2)
     transl = torch.stack([0.004 * _smooth_noise(n, fps, 0.1, g), 0.003 * _smooth_noise(n, fps, 0.1, g), torch.zeros(n)], -1)
     return FrameParams(expr, pose, eyelids, transl)
+
+
+# ---------------------------------------------------------------------------- rendering + writing
+def _frame(seq: FrameParams, i: int) -> FrameParams:
+    return FrameParams(seq.expr[i : i + 1], seq.pose[i : i + 1], seq.eyelids[i : i + 1], seq.transl[i : i + 1])
+
+
+def pixel_values(radiance: Tensor, exposure: float) -> Tensor:
+    """The synthetic camera: sRGB(clamp(exposure * radiance)), [..., 3] -> [0, 1]."""
+    from hravatar.shading import srgb_oetf
+
+    return srgb_oetf((radiance * exposure).clamp(0.0, 1.0))
+
+
+def auto_exposure(radiance: Tensor, alpha: Tensor, target: float = 0.8) -> float:
+    """Exposure that maps the 99th percentile of covered radiance to ``target``."""
+    m = alpha[..., 0] > 0.5
+    v = radiance[m].max(-1).values
+    return float(target / v.quantile(0.99).clamp(min=1e-6)) if v.numel() else 1.0
+
+
+def generate_synthetic(out_dir, cfg: SynthConfig, progress=None):
+    """Render the synthetic benchmark into ``out_dir`` (atomic, resumable). Returns its Path.
+
+    Args:
+        out_dir: dataset folder to create.
+        cfg: :class:`SynthConfig`.
+        progress: optional callback ``(stage: str, done: int, total: int)``.
+    """
+    from pathlib import Path
+
+    from hravatar.api import default_camera
+    from hravatar.data.format import DatasetMeta, gt_path, write_dataset, write_png
+    from hravatar.head.builtin import load_builtin_head
+    from hravatar.io.checkpoint import AvatarBundle
+    from hravatar.io.safe import atomic_write_bytes
+    from hravatar.render.pipeline import render_gbuffers, shade_gbuffers
+    from hravatar.shading import load_brdf_lut, make_builtin_environment, prefilter_latlong, write_exr
+
+    out_dir = Path(out_dir)
+    head = load_builtin_head()
+    subject = make_subject(head, cfg)
+    n_test = max(1, int(round(cfg.frames * cfg.test_fraction)))
+    n_train = cfg.frames - n_test
+    train_seq = make_sequence(head, n_train, cfg.fps, cfg.seed * 7 + 1)
+    test_seq = make_sequence(head, n_test, cfg.fps, cfg.seed * 7 + 2, amplitude=1.15)  # unseen values
+    seq = FrameParams(*(torch.cat([getattr(train_seq, k), getattr(test_seq, k)]) for k in ("expr", "pose", "eyelids", "transl")))
+    camera = default_camera(AvatarBundle(subject), cfg.res, fov_y_deg=cfg.fov_deg)
+    camera = camera.resized(cfg.res, cfg.res)
+    lut = load_brdf_lut()
+    env_cache: dict[str, object] = {}
+
+    def env_for(name: str):
+        if name not in env_cache:
+            env_cache[name] = (make_builtin_environment(name, width=512), None)
+            env_cache[name] = (env_cache[name][0], prefilter_latlong(env_cache[name][0]))
+        return env_cache[name]
+
+    @torch.no_grad()
+    def render(i: int, env_name: str, rot: float):
+        g = subject.deform(_frame(seq, i))
+        gb = render_gbuffers(g, camera, backend="torch")
+        sh = shade_gbuffers(gb, camera, env_for(env_name)[1], lut, rotation_deg=rot)
+        return gb, sh["shaded"]
+
+    # exposures: fixed per environment from a neutral reference frame
+    exposures = {}
+    for name, rot in (cfg.train_env,) + tuple(cfg.relit_envs):
+        gb, rad = render(0, name, rot)
+        exposures[(name, rot)] = auto_exposure(rad, gb.alpha)
+
+    def frames():
+        for i in range(cfg.frames):
+            gb, rad = render(i, *cfg.train_env)
+            img = pixel_values(rad, exposures[tuple(cfg.train_env)]) * gb.alpha
+            if progress:
+                progress("frames", i + 1, cfg.frames)
+            yield img.numpy(), gb.alpha[..., 0].numpy()
+
+    relit_names = []
+    for name, rot in cfg.relit_envs:
+        relit_names.append((f"{name}_r{int(rot)}", name, rot))
+    test_idx = list(range(n_train, cfg.frames))
+
+    def extras(staging: Path) -> None:
+        envs = []
+        for label, name, rot in relit_names:
+            write_exr(staging / "gt" / "envmaps" / f"{label}.exr", env_for(name)[0])
+            envs.append({"name": label, "envmap": f"envmaps/{label}.exr", "rotation_deg": rot, "exposure": exposures[(name, rot)]})
+        for k, i in enumerate(test_idx):
+            gb, _ = render(i, *cfg.train_env)
+            write_png(gt_path(staging, "albedo", i), (gb.albedo * gb.alpha).numpy())
+            write_png(gt_path(staging, "normal", i), ((gb.normal * 0.5 + 0.5) * (gb.alpha > 0.5)).numpy())
+            for label, name, rot in relit_names:
+                gb2, rad = render(i, name, rot)
+                write_png(gt_path(staging, "relit", i, label), (pixel_values(rad, exposures[(name, rot)]) * gb2.alpha).numpy())
+            if progress:
+                progress("ground truth", k + 1, len(test_idx))
+        train_label = f"{cfg.train_env[0]}_r{int(cfg.train_env[1])}"
+        write_exr(staging / "gt" / "envmaps" / f"{train_label}.exr", env_for(cfg.train_env[0])[0])
+        gt = {"envs": envs, "relit_frames": test_idx, "albedo_frames": test_idx, "normal_frames": test_idx,
+              "normal_space": "world", "camera_response": "srgb",
+              "train_env": {"name": train_label, "envmap": f"envmaps/{train_label}.exr", "rotation_deg": cfg.train_env[1],
+                            "exposure": exposures[tuple(cfg.train_env)]}}
+        import json
+
+        atomic_write_bytes(staging / "gt" / "gt.json", json.dumps(gt, indent=2).encode())
+
+    g = torch.Generator().manual_seed(cfg.seed + 99)
+    expr_written = seq.expr + cfg.tracking_noise * torch.randn(seq.expr.shape, generator=g)
+    params = {
+        "beta": subject.beta.clone(),
+        "K": camera.K.clone(),
+        "viewmat": camera.viewmat[None].repeat(cfg.frames, 1, 1).clone(),
+        "expr": expr_written,
+        "pose": seq.pose.clone(),
+        "eyelids": seq.eyelids.clone(),
+        "transl": seq.transl.clone(),
+    }
+    meta = DatasetMeta(num_frames=cfg.frames, width=cfg.res, height=cfg.res, fps=cfg.fps, test_frames=n_test,
+                       head=head.identity(), expr_dim=head.num_expr, shape_dim=head.num_shape, has_albedo=False,
+                       source="synthetic",
+                       synthetic={"seed": cfg.seed, "gaussians": cfg.gaussians, "train_env": list(cfg.train_env),
+                                  "relit_envs": [list(e) for e in cfg.relit_envs], "camera_response": "srgb",
+                                  "exposure": exposures[tuple(cfg.train_env)]})
+    return write_dataset(out_dir, meta, frames(), params, extras=extras, overwrite=False)

@@ -106,8 +106,8 @@ def rasterize_reference(
     Args: as :func:`hravatar.render.rasterize.rasterize_gaussians` (means [N, 3], quats [N, 4],
         scales [N, 3], opacities [N], features [N, C]). Use tiny images: memory is H*W*N.
     Returns:
-        dict with features [H, W, C], depth [H, W, 1], alpha [H, W, 1], and the projection
-        (means2d [N, 2], radii [N], depths [N]).
+        dict with features [H, W, C], depth [H, W, 1], alpha [H, W, 1], done [H, W] bool (the
+        pixel hit the termination rule), and the projection (means2d [N, 2], radii [N], depths [N]).
     """
     dt, dev = means.dtype, means.device
     W, H, ts = camera.width, camera.height, tile_size
@@ -150,6 +150,7 @@ def rasterize_reference(
         features=img[..., :C],
         depth=img[..., C:] / alpha_img.clamp(min=1e-10),
         alpha=alpha_img,
+        done=done.view(H, W),
         means2d=pr["means2d"],
         radii=pr["radii"],
         depths=pr["depths"],

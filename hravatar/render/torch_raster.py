@@ -13,34 +13,35 @@ Image formation is gsplat 1.4's "classic" 3DGS rasterizer:
   depth order (ties by index); a pixel stops *before* the first Gaussian that would bring its
   transmittance to <= 1e-4.
 
-How it is computed (fast without custom kernels):
+How it is computed (fast in plain PyTorch, no custom kernels):
 
 1. Project; build each Gaussian's pixel rectangle = its tile range intersected with the
    bounding box of the ellipse where ``alpha >= 1/255`` (half extents ``sqrt(2 ln(255 o) S_xx)``).
    Pixels outside that box cannot pass the alpha test, so skipping them changes nothing.
 2. Split rectangles per tile (3DGS tile binning) into (Gaussian, tile) intersections listed in
    depth order, and cut that list into depth batches of bounded pair count (memory bound).
-3. Per batch, without autograd: expand intersections into (pixel, Gaussian) pairs, compute
-   alpha, drop pairs that fail the test or hit finished pixels, stable-sort by pixel (so the
-   depth order survives), and get each pair's transmittance from a segmented cumulative sum
-   of log(1 - alpha) in float64 plus the per-pixel log transmittance carried from earlier
-   batches. Transmittance only decreases, so the termination rule keeps a prefix of each
-   pixel's list. Later batches skip whole intersections whose rectangle only holds finished
-   pixels (summed-area table), which is what makes occluded Gaussians cheap.
-4. Without grad, weighted features are scattered per batch. With grad, the kept pairs of
-   all batches are sorted by pixel once and composited again by a differentiable function
-   (:func:`composite_sorted_pairs`), in pixel-range chunks under activation checkpointing
-   when they are many.
+3. Per batch, without autograd: expand intersections into rows and each row into the pixels
+   of its exact ellipse span (sparse (pixel, Gaussian) pairs), compute alpha, drop pairs that
+   fail the test, stable-sort by pixel (so the depth order survives), and get each pair's
+   transmittance from a segmented cumulative sum of log(1 - alpha) in float64 plus the
+   per-pixel log transmittance carried from earlier batches. Transmittance only decreases,
+   so the termination rule keeps a prefix of each pixel's list. Once a good share of the
+   image is finished, later batches skip intersections whose rectangle only holds finished
+   pixels (summed-area table): occluded Gaussians cost little.
+4. Without grad, the weighted features of each batch are summed per pixel with
+   ``embedding_bag`` (far faster than ``index_add_`` on CPU). With grad, the contributing
+   pairs are sorted by pixel once and composited by :class:`_Composite`, whose backward is
+   the analytic 3DGS one (suffix sums per pixel), not autograd through the scan.
 """
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from hravatar.utils.rotation import quat_to_matrix
 
@@ -54,7 +55,7 @@ ALPHA_MAX = 0.999
 #: A pixel stops before a Gaussian that would bring its transmittance to <= T_MIN.
 T_MIN = 1e-4
 LOG_T_MIN = math.log(T_MIN)
-#: Default bound on (pixel, Gaussian) pairs handled at once (~100 bytes each at peak).
+#: Default bound on candidate (pixel, Gaussian) pairs expanded at once (~100 bytes each).
 DEFAULT_MAX_PAIRS = 1 << 19
 
 
@@ -216,30 +217,49 @@ def tile_intersections(rects: Tensor, depths: Tensor, tile_size: int) -> tuple[T
         consecutive); sub_rects: [I, 4] int64 the part of its rectangle inside that tile.
     """
     with torch.no_grad():
-        x0, x1, y0, y1 = rects.unbind(-1)
-        nonempty = ((x1 > x0) & (y1 > y0)).nonzero().squeeze(1)
-        order = nonempty[torch.sort(depths.detach()[nonempty], stable=True).indices]
-        x0, x1, y0, y1 = x0[order], x1[order], y0[order], y1[order]
+        nonempty = ((rects[:, 1] > rects[:, 0]) & (rects[:, 3] > rects[:, 2])).nonzero().squeeze(1)
+        order = nonempty.index_select(0, depth_order(depths.detach().index_select(0, nonempty)))
+        x0, x1, y0, y1 = rects.index_select(0, order).unbind(-1)
         tx0 = torch.div(x0, tile_size, rounding_mode="floor")
         ty0 = torch.div(y0, tile_size, rounding_mode="floor")
         ntx = torch.div(x1 - 1, tile_size, rounding_mode="floor") - tx0 + 1
         nty = torch.div(y1 - 1, tile_size, rounding_mode="floor") - ty0 + 1
         counts = ntx * nty
         rep = torch.repeat_interleave(counts)
-        j = torch.arange(rep.numel(), device=rects.device) - (torch.cumsum(counts, 0) - counts)[rep]
-        jy = torch.div(j, ntx[rep], rounding_mode="floor")
-        tx = tx0[rep] + (j - jy * ntx[rep])
-        ty = ty0[rep] + jy
+
+        def per_isect(t: Tensor) -> Tensor:
+            return t.index_select(0, rep)
+
+        j = torch.arange(rep.numel(), device=rects.device) - per_isect(torch.cumsum(counts, 0) - counts)
+        ntx_r = per_isect(ntx)
+        jy = torch.div(j, ntx_r, rounding_mode="floor")
+        tx = per_isect(tx0) + (j - jy * ntx_r)
+        ty = per_isect(ty0) + jy
         sub = torch.stack(
             [
-                torch.maximum(x0[rep], tx * tile_size),
-                torch.minimum(x1[rep], tx * tile_size + tile_size),
-                torch.maximum(y0[rep], ty * tile_size),
-                torch.minimum(y1[rep], ty * tile_size + tile_size),
+                torch.maximum(per_isect(x0), tx * tile_size),
+                torch.minimum(per_isect(x1), tx * tile_size + tile_size),
+                torch.maximum(per_isect(y0), ty * tile_size),
+                torch.minimum(per_isect(y1), ty * tile_size + tile_size),
             ],
             -1,
         )
-        return order[rep], sub
+        return per_isect(order), sub
+
+
+def depth_order(depths: Tensor) -> Tensor:
+    """Stable front-to-back order of [K] camera depths (ties keep index order); [K] int64.
+
+    Positive IEEE floats sort like their bit patterns, and integer keys take the fast radix
+    sort (the float sort is ~10x slower); non-positive depths (a near plane <= 0) fall back.
+    """
+    if depths.numel() == 0 or not bool(depths.min() > 0):
+        return torch.sort(depths, stable=True).indices
+    if depths.dtype == torch.float32:
+        return torch.sort(depths.view(torch.int32), stable=True).indices
+    if depths.dtype == torch.float64:
+        return torch.sort(depths.view(torch.int64), stable=True).indices
+    return torch.sort(depths, stable=True).indices
 
 
 def alpha_levels(opacities: Tensor) -> Tensor:
@@ -266,9 +286,8 @@ def candidate_pairs(
         width: image width (flat pixel index = y * width + x).
     Returns:
         rid: [M] int64 row of each pair; pix: [M] int32 flat pixel;
-        alpha: [M] ``min(0.999, o exp(-sigma))``; valid: [M] bool, ``alpha >= 1/255 and
-        sigma >= 0``; row_gids: [R] int64 Gaussian of each row (so ``row_gids[rid]`` is the
-        Gaussian of each pair).
+        alpha: [M] ``min(0.999, o exp(-sigma))``; valid: [M] bool, ``alpha >= 1/255``;
+        row_gids: [R] int64 Gaussian of each row (``row_gids[rid]`` is each pair's Gaussian).
     """
     dev = rects.device
     dt = cols[0].dtype
@@ -297,35 +316,16 @@ def candidate_pairs(
     def per_pair(t: Tensor) -> Tensor:
         return t.index_select(0, rid)
 
-    # sigma as a polynomial in dx with per-row coefficients (dy is constant on a row)
+    # sigma as a polynomial in dx with per-row coefficients (dy is constant on a row), and
+    # the opacity folded into the exponent: alpha = exp(ln o - sigma)
     dx = per_pair(mx - 0.5 - xs.to(dt)) - ux
-    sigma = (per_pair(0.5 * ca) * dx + per_pair(cb * dy)) * dx + per_pair(0.5 * cc * dy * dy)
-    alpha = torch.clamp(per_pair(op) * torch.exp(-sigma), max=ALPHA_MAX)
+    sigma_o = (per_pair(0.5 * ca) * dx + per_pair(cb * dy)) * dx + per_pair(0.5 * cc * dy * dy - torch.log(op))
+    alpha = torch.clamp(torch.exp(-sigma_o), max=ALPHA_MAX)
     # the conic is positive definite, so gsplat's "sigma < 0" skip only ever catches rounding;
     # it is not applied here (a centre pixel must not be lost to a -1e-9)
     valid = alpha >= ALPHA_MIN
     pix = (per_pair(ry * width + xs) + ux_i).to(torch.int32)
     return rid, pix, alpha, valid, g_r
-
-
-def pair_alpha(cols: tuple[Tensor, ...], gids: Tensor, pix: Tensor, width: int) -> Tensor:
-    """Differentiable alpha of given pairs (same formula as :func:`candidate_pairs`).
-
-    Args:
-        cols: six [N] tensors (mean_x, mean_y, conic a, b, c, opacity).
-        gids: [K] int64 Gaussians; pix: [K] int64 flat pixels.
-    Returns:
-        [K] alpha.
-    """
-    dt = cols[0].dtype
-    py = torch.div(pix, width, rounding_mode="floor")
-    px = (pix - py * width).to(dt)
-    py = py.to(dt)
-    mx, my, ca, cb, cc, op = (c.index_select(0, gids) for c in cols)
-    dx = mx - (px + 0.5)
-    dy = my - (py + 0.5)
-    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-    return torch.clamp(op * torch.exp(-sigma), max=ALPHA_MAX)
 
 
 @dataclass
@@ -366,11 +366,14 @@ def pixel_segments(pix_sorted: Tensor, n_pix: int) -> PixelSegments:
     return PixelSegments(crow=crow, pixels=pixels, starts=starts, ends=ends)
 
 
-def segmented_log_transmittance(alpha: Tensor, seg: PixelSegments, pix_sorted: Tensor, carried: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def segmented_log_transmittance(
+    alpha: Tensor, seg: PixelSegments, pix_sorted: Tensor, carried: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Per-pair log transmittance in front of and behind each pair of a pixel-sorted list.
 
     ``log T_excl[i] = carried[pix] + sum_{j < i, same pixel} log(1 - alpha_j)``, summed in
-    float64 so that long lists do not lose precision. Differentiable in ``alpha``.
+    float64: one running sum serves all pixels, and subtracting its value at a pixel's first
+    pair must not lose the pixel's own (small) sum.
 
     Args:
         alpha: [K] alphas in pixel-then-depth order.
@@ -389,50 +392,9 @@ def segmented_log_transmittance(alpha: Tensor, seg: PixelSegments, pix_sorted: T
     return incl - la, incl
 
 
-class _WeightedBag(torch.autograd.Function):
-    """out[p] = sum over pairs k of pixel p of w_k featext[g_k] (pixel-sorted CSR list)."""
-
-    @staticmethod
-    def forward(ctx, w, featext, gids, crow, bwd):
-        ctx.save_for_backward(w, featext, gids, crow)
-        ctx.bwd = bwd
-        return F.embedding_bag(gids, featext, crow[:-1], mode="sum", per_sample_weights=w)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        w, featext, gids, crow = ctx.saved_tensors
-        bwd = ctx.bwd
-        grad_w = grad_feat = None
-        grad_out = grad_out.contiguous()
-        if ctx.needs_input_grad[0]:
-            grad_w = _pair_dots(grad_out, featext, gids, crow)
-        if ctx.needs_input_grad[1]:
-            # transpose: pairs grouped by Gaussian (bwd.order), bag the pixel gradients
-            w_g = w.index_select(0, bwd.order)
-            runs = F.embedding_bag(bwd.pix_grouped, grad_out, bwd.run_starts, mode="sum", per_sample_weights=w_g)
-            grad_feat = torch.zeros_like(featext).index_add_(0, bwd.run_gids, runs)
-        return grad_w, grad_feat, None, None, None
-
-
-def _pair_dots(grad_out: Tensor, featext: Tensor, gids: Tensor, crow: Tensor) -> Tensor:
-    """[K] dot(grad_out[pix_k], featext[g_k]) for a pixel-sorted CSR list (pixels given by crow)."""
-    K = gids.numel()
-    if grad_out.device.type in ("cpu", "cuda"):
-        # sampled dense-dense product on the CSR pattern: no [K, D] gathers
-        with warnings.catch_warnings():  # "sparse CSR support is in beta" is noise here
-            warnings.simplefilter("ignore", UserWarning)
-            pattern = torch.sparse_csr_tensor(
-                crow, gids, torch.zeros(K, dtype=grad_out.dtype, device=grad_out.device),
-                (grad_out.shape[0], featext.shape[0]), check_invariants=False,
-            )
-        return torch.sparse.sampled_addmm(pattern, grad_out, featext.T).values()
-    rows = torch.repeat_interleave(crow[1:] - crow[:-1])
-    return (grad_out.index_select(0, rows) * featext.index_select(0, gids)).sum(-1)
-
-
 @dataclass
 class _BagBackward:
-    """Index data for the transposed bag of :class:`_WeightedBag` (pairs grouped by Gaussian).
+    """Index data for the feature gradient of :class:`_Composite` (pairs grouped by Gaussian).
 
     order: [K] pixel-sorted position of each pair in Gaussian-grouped order;
     pix_grouped: [K] its pixel; run_starts: [R] first pair of each run of equal Gaussian;
@@ -502,18 +464,18 @@ def trace_pairs(
     # depth batches of about max_pairs candidates (one huge rectangle may exceed it)
     marks = torch.arange(max_pairs, max(total, max_pairs), max_pairs, device=dev, dtype=cum.dtype)
     bounds = [0] + torch.searchsorted(cum, marks, right=True).tolist() + [gids.numel()]
-    any_done = False
+    cull = False
     for b0, b1 in zip(bounds[:-1], bounds[1:]):
         if b1 <= b0:
             continue
         g_b, r_b = gids[b0:b1], sub_rects[b0:b1]
         live = None
-        if any_done:
+        if cull:
             # skip intersections whose rectangle only holds finished pixels
             live = log_t > LOG_T_MIN
-            sat = _summed_area(live.view(height, width))
-            x0, x1, y0, y1 = r_b.unbind(-1)
-            n_live = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+            sat = _summed_area(live.view(height, width)).view(-1)
+            x0, x1, y0, y1 = (t * (width + 1) if i >= 2 else t for i, t in enumerate(r_b.unbind(-1)))
+            n_live = sat.index_select(0, y1 + x1) - sat.index_select(0, y0 + x1) - sat.index_select(0, y1 + x0) + sat.index_select(0, y0 + x0)
             keep_i = (n_live > 0).nonzero().squeeze(1)
             if keep_i.numel() == 0:
                 continue
@@ -534,8 +496,9 @@ def trace_pairs(
         excl, incl = segmented_log_transmittance(alpha_s, seg, pix_s, log_t)
         log_t.index_copy_(0, seg.pixels, incl.index_select(0, seg.ends))
         keep = incl > LOG_T_MIN  # a prefix of every pixel's list (transmittance decreases)
-        if not any_done and not bool(keep.all()):
-            any_done = True
+        # culling only pays once a good share of the image is finished; without it, pairs of
+        # finished pixels are simply not kept (their carried transmittance is below T_MIN)
+        cull = cull or int((log_t <= LOG_T_MIN).sum()) > n_pix // 16
         if featext is not None:
             w = alpha_s * torch.exp(excl.to(alpha_s.dtype)) * keep
             g_s = g_v.index_select(0, perm)
@@ -573,6 +536,89 @@ def build_pair_list(kept_gids: Tensor, kept_pix: Tensor, n_pix: int) -> PairList
     return PairList(gids=g_s, pix=pix_s, seg=pixel_segments(pix_s, n_pix), bag_bwd=bwd)
 
 
+def _pair_dots(grad_out: Tensor, featext: Tensor, gids: Tensor, pix: Tensor) -> Tensor:
+    """[K] ``dot(grad_out[pix_k], featext[g_k])``, channel by channel (1D gathers are fast)."""
+    acc = torch.zeros(gids.numel(), dtype=grad_out.dtype, device=grad_out.device)
+    for d in range(featext.shape[1]):
+        acc += grad_out[:, d].contiguous().index_select(0, pix) * featext[:, d].contiguous().index_select(0, gids)
+    return acc
+
+
+def _pair_offsets_and_gauss(
+    mx: Tensor, my: Tensor, ca: Tensor, cb: Tensor, cc: Tensor, gids: Tensor, pix: Tensor, width: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per pair: dx = mean_x - (x + 0.5), dy = mean_y - (y + 0.5) and exp(-sigma); [K] each."""
+    dt = mx.dtype
+    py = torch.div(pix, width, rounding_mode="floor")
+    dx = mx.index_select(0, gids) - ((pix - py * width).to(dt) + 0.5)
+    dy = my.index_select(0, gids) - (py.to(dt) + 0.5)
+    sigma = 0.5 * (ca.index_select(0, gids) * dx * dx + cc.index_select(0, gids) * dy * dy) + cb.index_select(0, gids) * dx * dy
+    return dx, dy, torch.exp(-sigma)
+
+
+class _Composite(torch.autograd.Function):
+    """Front-to-back compositing of a :class:`PairList` with the 3DGS analytic backward.
+
+    forward(mean_x, mean_y, a, b, c, opacity [N] each, featext [N, D], pairs, width) -> [P, D]
+    """
+
+    @staticmethod
+    def forward(ctx, mx, my, ca, cb, cc, op, featext, pairs, width):
+        dx, dy, gauss = _pair_offsets_and_gauss(mx, my, ca, cb, cc, pairs.gids, pairs.pix, width)
+        alpha = torch.clamp(op.index_select(0, pairs.gids) * gauss, max=ALPHA_MAX)
+        excl, _ = segmented_log_transmittance(alpha, pairs.seg, pairs.pix)
+        T = torch.exp(excl.to(alpha.dtype))
+        out = F.embedding_bag(pairs.gids, featext, pairs.seg.crow[:-1], mode="sum", per_sample_weights=alpha * T)
+        # per-pair geometry is recomputed in backward: only alpha and T are kept (memory)
+        ctx.save_for_backward(mx, my, ca, cb, cc, op, featext, alpha, T)
+        ctx.pairs = pairs
+        ctx.width = width
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        mx, my, ca, cb, cc, op, featext, alpha, T = ctx.saved_tensors
+        pairs = ctx.pairs
+        g, pix, seg = pairs.gids, pairs.pix, pairs.seg
+        dx, dy, gauss = _pair_offsets_and_gauss(mx, my, ca, cb, cc, g, pix, ctx.width)
+        raw = op.index_select(0, g) * gauss
+        grad_out = grad_out.contiguous()
+        w = alpha * T
+        c = _pair_dots(grad_out, featext, g, pix)  # dL/dw per pair
+        # dL/dalpha_k = T_k c_k - (sum_{i > k in the pixel} w_i c_i) / (1 - alpha_k)
+        wc = torch.cumsum((w * c).to(torch.float64), 0)
+        last = torch.zeros(seg.crow.numel() - 1, dtype=torch.float64, device=wc.device)
+        last = last.index_copy(0, seg.pixels, wc.index_select(0, seg.ends))
+        behind = (last.index_select(0, pix) - wc).to(alpha.dtype)
+        d_alpha = T * c - behind / (1.0 - alpha)
+        d_alpha = torch.where(raw <= ALPHA_MAX, d_alpha, torch.zeros_like(d_alpha))  # clamped: no grad
+        d_sigma = -d_alpha * alpha
+        N = mx.shape[0]
+
+        def to_gauss(v: Tensor) -> Tensor:
+            return torch.zeros(N, dtype=v.dtype, device=v.device).index_add_(0, g, v)
+
+        cav, cbv, ccv = ca.index_select(0, g), cb.index_select(0, g), cc.index_select(0, g)
+        grads = [
+            to_gauss(d_sigma * (cav * dx + cbv * dy)),
+            to_gauss(d_sigma * (ccv * dy + cbv * dx)),
+            to_gauss(d_sigma * (0.5 * dx * dx)),
+            to_gauss(d_sigma * (dx * dy)),
+            to_gauss(d_sigma * (0.5 * dy * dy)),
+            to_gauss(d_alpha * gauss),
+        ]
+        grad_feat = None
+        if ctx.needs_input_grad[6]:
+            # transposed bag: pairs grouped by Gaussian, summing weighted pixel gradients
+            bwd = pairs.bag_bwd
+            runs = F.embedding_bag(
+                bwd.pix_grouped, grad_out, bwd.run_starts, mode="sum", per_sample_weights=w.index_select(0, bwd.order)
+            )
+            grad_feat = torch.zeros_like(featext).index_add_(0, bwd.run_gids, runs)
+        return (*[gr if ctx.needs_input_grad[i] else None for i, gr in enumerate(grads)], grad_feat, None, None)
+
+
 def composite_pairs(cols: tuple[Tensor, ...], featext: Tensor, pairs: PairList, width: int) -> Tensor:
     """Differentiable front-to-back compositing of contributing pairs.
 
@@ -580,13 +626,11 @@ def composite_pairs(cols: tuple[Tensor, ...], featext: Tensor, pairs: PairList, 
         cols: six [N] tensors (mean_x, mean_y, conic a, b, c, opacity), differentiable.
         featext: [N, D] features, differentiable.
         pairs: :class:`PairList` from :func:`build_pair_list`.
+        width: image width.
     Returns:
-        [P, D] ``sum_i alpha_i T_i featext[g_i]`` per pixel.
+        [P, D] ``sum_i alpha_i T_i featext[g_i]`` per pixel, with the analytic 3DGS backward.
     """
-    alpha = pair_alpha(cols, pairs.gids, pairs.pix, width)
-    excl, _ = segmented_log_transmittance(alpha, pairs.seg, pairs.pix)
-    w = alpha * torch.exp(excl.to(alpha.dtype))
-    return _WeightedBag.apply(w, featext, pairs.gids, pairs.seg.crow, pairs.bag_bwd)
+    return _Composite.apply(*(c.contiguous() for c in cols), featext.contiguous(), pairs, width)
 
 
 def rasterize_torch(
@@ -634,7 +678,7 @@ def rasterize_torch(
             _, kg, kp = trace_pairs(dcols, levels, None, gids, sub, W, H, max_pairs)
             pairs = build_pair_list(kg, kp, W * H)
     if needs_grad:
-        image = composite_pairs(tuple(c.contiguous() for c in cols), featext.contiguous(), pairs, W)
+        image = composite_pairs(cols, featext, pairs, W)
     image = image.view(H, W, -1)
     C = features.shape[1]
     alpha = image[..., C + 1 :]

@@ -85,6 +85,7 @@ class TrainConfig:
     encoder: bool = True
     encoder_pretrain_iters: int = 2000
     encoder_res: int = 224
+    encoder_weights: str = ""  # path to SMIRK_em1.pt (user-supplied); empty: regress the tracked parameters first
     deformation: str = "learnable"
     shading: str = "pbr"
     camera_response: str = "none"  # "none" (method: shading output compared to pixels) or "srgb"

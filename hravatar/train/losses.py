@@ -5,41 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hravatar.eval.metrics import ssim_map
 from hravatar.render.camera import Camera
-
-
-def gaussian_window(size: int = 11, sigma: float = 1.5, device=None, dtype=torch.float32) -> Tensor:
-    """[size] normalised 1D Gaussian."""
-    x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    return g / g.sum()
-
-
-def ssim_map(a: Tensor, b: Tensor, size: int = 11, sigma: float = 1.5) -> Tensor:
-    """Per-pixel SSIM (Wang et al.) of [H, W, C] images in [0, 1], "same" (zero) padding as 3DGS.
-
-    Returns:
-        [H, W, C].
-    """
-    C = a.shape[-1]
-    x = a.permute(2, 0, 1)[None]
-    y = b.permute(2, 0, 1)[None]
-    g = gaussian_window(size, sigma, a.device, a.dtype)
-    w = (g[:, None] * g[None, :]).expand(C, 1, size, size)
-    blur = lambda t: F.conv2d(t, w, padding=size // 2, groups=C)  # noqa: E731
-    mu_x, mu_y = blur(x), blur(y)
-    sxx = blur(x * x) - mu_x**2
-    syy = blur(y * y) - mu_y**2
-    sxy = blur(x * y) - mu_x * mu_y
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
-    return s[0].permute(1, 2, 0)
 
 
 def photometric_loss(pred: Tensor, gt: Tensor, w_l1: float = 0.8, w_dssim: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
     """L_rgb = w_l1 * L1 + w_dssim * (1 - SSIM) for [H, W, 3] images."""
     l1 = (pred - gt).abs().mean()
-    dssim = 1.0 - ssim_map(pred, gt).mean()
+    dssim = 1.0 - ssim_map(pred, gt, padding="same").mean()
     return w_l1 * l1 + w_dssim * dssim, {"l1": l1.detach(), "dssim": dssim.detach()}
 
 

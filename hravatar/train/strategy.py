@@ -136,15 +136,16 @@ def replace_parameter(
         RuntimeError: trainable parameter without optimizer, or the optimizer does not hold it.
     """
     old = params[name]
-    params[name] = new
     opt = optimizers.get(name)
     if opt is None:
         if old.requires_grad:
             raise RuntimeError(f"parameter '{name}' is trainable but has no optimizer")
+        params[name] = new
         return
     where = _locate(opt, old)
     if where is None:
         raise RuntimeError(f"the optimizer given for '{name}' does not hold params['{name}']")
+    params[name] = new
     gi, pi = where
     opt.param_groups[gi]["params"][pi] = new
     st = opt.state.pop(old, None)

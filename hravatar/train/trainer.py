@@ -16,10 +16,10 @@ from hravatar.avatar.gaussians import FrameParams, GaussianAvatar
 from hravatar.io.checkpoint import AvatarBundle, save_checkpoint
 from hravatar.io.safe import CheckpointError
 from hravatar.render.camera import Camera
-from hravatar.render.pipeline import render_gbuffers, shade_gbuffers
 
 from .config import TrainConfig
 from .events import EventBus
+from .model import encoded_frame, face_crop_boxes, forward_render
 from .losses import jaw_loss, normal_consistency_loss, normals_from_depth, photometric_loss, total_variation
 from .state import load_optimizer_tensors, load_train_state, optimizer_tensors, save_train_state
 
@@ -46,17 +46,6 @@ def expon_lr(step: int, lr_init: float, lr_final: float, max_steps: int, delay_s
         delay = delay_mult + (1 - delay_mult) * math.sin(0.5 * math.pi * min(max(step / delay_steps, 0.0), 1.0))
     t = min(max(step / max(max_steps, 1), 0.0), 1.0)
     return delay * math.exp(math.log(lr_init) * (1 - t) + math.log(lr_final) * t)
-
-
-def camera_response(rgb: Tensor, kind: str) -> Tensor:
-    """Map linear shading output to pixel values: "none" (the method) or "srgb"."""
-    if kind == "none":
-        return rgb
-    if kind == "srgb":
-        from hravatar.shading import srgb_oetf
-
-        return srgb_oetf(rgb.clamp(0.0, 1.0))
-    raise ValueError(f"unknown camera response '{kind}'")
 
 
 def head_spec_from_identity(identity: str) -> str:
@@ -124,21 +113,12 @@ class Trainer:
             return
         from hravatar.encoder import EncoderConfig, ExpressionEncoder
 
-        self.encoder = ExpressionEncoder(EncoderConfig(n_expr=self.avatar.num_expr)).to(self.device)
-        self.crop_boxes = {"train": self._crop_boxes(self.train_set), "test": self._crop_boxes(self.test_set)}
+        self.encoder = ExpressionEncoder(EncoderConfig(n_expr=self.avatar.num_expr, input_size=self.cfg.encoder_res)).to(self.device)
+        if self.cfg.encoder_weights:
+            from hravatar.encoder import load_smirk_weights
 
-    def _crop_boxes(self, ds) -> Tensor:
-        """[T, 4] face-crop boxes (cx, cy, size) per frame, smoothed over time (same at train/test)."""
-        from hravatar.encoder.crop import box_from_mask, crop_box_from_landmarks, smooth_boxes
-
-        boxes = []
-        for i in range(len(ds)):
-            s = ds[i]
-            if s.landmarks is not None:
-                boxes.append(crop_box_from_landmarks(s.landmarks[None].to(self.device), scale=1.4)[0])
-            else:
-                boxes.append(box_from_mask(s.mask.permute(2, 0, 1)[None].to(self.device), scale=1.1)[0])
-        return smooth_boxes(torch.stack(boxes), 5)
+            load_smirk_weights(self.encoder, self.cfg.encoder_weights)
+        self.crop_boxes = {"train": face_crop_boxes(self.train_set, self.device), "test": face_crop_boxes(self.test_set, self.device)}
 
     def _param_lr(self, key: str) -> float:
         lr = self.cfg.lr
@@ -190,32 +170,19 @@ class Trainer:
         return {"means": means_lr, "material": mat_lr}
 
     # ------------------------------------------------------------------ model evaluation
-    def frame_params(self, ds, split: str, i: int, image: Tensor | None = None) -> tuple[FrameParams, dict | None]:
+    def frame_params(self, ds, split: str, i: int) -> tuple[FrameParams, dict | None]:
         """Driving parameters of frame i: pre-tracked, with the encoder's expression/eyelids/jaw."""
         s = ds[i]
         f = s.params.to(self.device)
         if self.encoder is None:
             return f, None
-        from hravatar.encoder.crop import crop_and_resize
-
-        img = (image if image is not None else s.image).to(self.device).permute(2, 0, 1)[None]
-        crop = crop_and_resize(img, self.crop_boxes[split][i : i + 1], out=self.cfg.encoder_res)
-        enc = self.encoder(crop)
-        pose = f.pose.clone()
-        pose[:, 2] = enc["jaw"]
-        return FrameParams(enc["expr"], pose, enc["eyelids"], f.transl), enc
+        return encoded_frame(self.encoder, f, s.image.to(self.device), self.crop_boxes[split][i], self.cfg.encoder_res)
 
     def render(self, frame: FrameParams, camera: Camera, iteration: int | None = None, env=None) -> dict[str, Tensor]:
-        """Forward model: dict with "rgb" [H,W,3] (pixel values over black), G-buffers, "gb"."""
-        g = self.avatar.deform(frame)
-        gb = render_gbuffers(g, camera)
+        """Forward model: {"rgb": [H,W,3] pixel values over black, "gb": G-buffers}."""
         warm = iteration is not None and iteration < self.cfg.albedo_warmup
-        if self.cfg.shading == "color" or warm:
-            rgb = gb.albedo
-        else:
-            sh = shade_gbuffers(gb, camera, env if env is not None else self.light.environment(), self.brdf_lut)
-            rgb = camera_response(sh["shaded"], self.cfg.camera_response)
-        return {"rgb": rgb * gb.alpha, "gb": gb}
+        return forward_render(self.avatar, frame, camera, env if env is not None else self.light.environment(), self.brdf_lut,
+                              response=self.cfg.camera_response, shading=self.cfg.shading, albedo_only=warm)
 
     # ------------------------------------------------------------------ training
     def _next_index(self) -> int:
@@ -245,7 +212,10 @@ class Trainer:
             loss.backward()
             opt.step()
             if it % 20 == 0:
-                self.bus.emit("encoder_pretrain", it, loss=float(loss), total=self.cfg.encoder_pretrain_iters)
+                self.bus.emit("encoder_pretrain", it, loss=float(loss.detach()), total=self.cfg.encoder_pretrain_iters)
+        # end-to-end training sees one image at a time: keep the batch statistics learned here
+        self.encoder.config.freeze_bn = True
+        self.encoder.train()
 
     def train_step(self) -> dict[str, float]:
         it = self.iteration
@@ -408,8 +378,11 @@ class Trainer:
         """Train to the end (or until ``stop_flag()`` is true); returns the checkpoint path."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.resume() if resume else False
-        if not resumed and self.iteration == 0:
+        if not resumed and self.iteration == 0 and not self.cfg.encoder_weights:
             self.pretrain_encoder()
+        elif self.encoder is not None:
+            self.encoder.config.freeze_bn = True
+            self.encoder.train()
         cfg = self.cfg
         self.bus.emit("start", self.iteration, total=self.total, num_gaussians=self.avatar.num_gaussians,
                       resumed=resumed, device=str(self.device), profile=cfg.profile)

@@ -1,0 +1,185 @@
+"""``hravatar eval``: self-reenactment metrics on the test frames, plus ground-truth relighting,
+albedo and normal errors on synthetic data."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hravatar.io.checkpoint import AvatarBundle, load_checkpoint
+from hravatar.io.safe import atomic_write_bytes
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder's ``avatar.safetensors``, or the file itself."""
+    p = Path(path)
+    return p / "avatar.safetensors" if p.is_dir() else p
+
+
+def _train_config(bundle: AvatarBundle):
+    from hravatar.train.config import TrainConfig
+
+    return TrainConfig.from_dict(bundle.meta.get("train_config", {}))
+
+
+def _encoder_from_bundle(bundle: AvatarBundle, cfg, device):
+    if not cfg.encoder or not any(k.startswith("encoder.") for k in bundle.extra):
+        return None
+    from hravatar.encoder import EncoderConfig, ExpressionEncoder, load_encoder_state
+
+    enc = ExpressionEncoder(EncoderConfig(n_expr=bundle.avatar.num_expr, input_size=cfg.encoder_res)).to(device)
+    load_encoder_state(enc, {f"encoder.{k[len('encoder.'):]}": v for k, v in bundle.extra.items() if k.startswith("encoder.")},
+                       prefix="encoder.", source="checkpoint")
+    return enc.eval()
+
+
+@torch.no_grad()
+def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: int | None = None,
+             strip_path: str | Path | None = None) -> dict:
+    """Evaluate a trained avatar on the dataset's test frames.
+
+    Returns:
+        {"psnr", "ssim", "mae100", "lpips" (None unless LPIPS weights are local), "frames",
+         and on synthetic data "relight_psnr", "relight_ssim", "relight" (per environment),
+         "albedo_lmse", "normal_cos"}.
+    """
+    from hravatar.data import HeadVideoDataset
+    from hravatar.eval.metrics import error_strip, lpips_or_none, mae100, normal_cosine, psnr, scale_invariant_mse, ssim
+    from hravatar.shading import LearnedLighting, load_brdf_lut, load_envmap, prefilter_latlong
+    from hravatar.train.model import encoded_frame, face_crop_boxes, forward_render
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bundle = load_checkpoint(resolve_checkpoint(checkpoint), device)
+    cfg = _train_config(bundle)
+    avatar = bundle.avatar.eval()
+    ds = HeadVideoDataset(data, "test", resolution=cfg.resolution, device=device)
+    if len(ds) == 0:
+        raise ValueError(f"{data}: the dataset has no test frames")
+    idx = list(range(len(ds)))
+    if max_frames and len(idx) > max_frames:
+        idx = np.linspace(0, len(ds) - 1, max_frames).round().astype(int).tolist()
+    light = LearnedLighting(**bundle.light_config).to(device) if bundle.light_state else None
+    if light is not None:
+        light.load_state_dict(bundle.light_state)
+        learned_env = light.environment()
+    else:
+        learned_env = None
+    lut = load_brdf_lut(device)
+    enc = _encoder_from_bundle(bundle, cfg, device)
+    boxes = face_crop_boxes(ds, device) if enc is not None else None
+
+    frames, scores = {}, {"psnr": [], "ssim": [], "mae100": [], "lpips": []}
+    strip_rows = []
+    for j, i in enumerate(idx):
+        s = ds[i]
+        f = s.params.to(device)
+        if enc is not None:
+            f, _ = encoded_frame(enc, f, s.image.to(device), boxes[i], cfg.encoder_res)
+        frames[i] = f
+        out = forward_render(avatar, f, s.camera.to(device), learned_env, lut, response=cfg.camera_response, shading=cfg.shading)
+        pred, gt = out["rgb"].clamp(0, 1), s.image.to(device)
+        scores["psnr"].append(psnr(pred, gt))
+        scores["ssim"].append(ssim(pred, gt))
+        scores["mae100"].append(mae100(pred, gt))
+        scores["lpips"].append(lpips_or_none(pred, gt))
+        if j < 4:
+            strip_rows.append((gt, pred))
+    res: dict = {
+        "psnr": float(np.mean(scores["psnr"])),
+        "ssim": float(np.mean(scores["ssim"])),
+        "mae100": float(np.mean(scores["mae100"])),
+        "lpips": None if any(v is None for v in scores["lpips"]) else float(np.mean(scores["lpips"])),
+        "frames": len(idx),
+        "checkpoint": str(resolve_checkpoint(checkpoint)),
+    }
+    if strip_path is not None and strip_rows:
+        gt = torch.cat([g for g, _ in strip_rows], 0)
+        pr = torch.cat([p for _, p in strip_rows], 0)
+        error_strip(gt, pr, strip_path)
+
+    gt_info = ds.gt_info
+    if gt_info:
+        res.update(_ground_truth_metrics(avatar, ds, idx, frames, gt_info, lut, cfg, device))
+    return res
+
+
+def _ground_truth_metrics(avatar, ds, idx, frames, gt_info, lut, cfg, device) -> dict:
+    """Relighting / albedo / normal errors against the synthetic ground truth."""
+    from hravatar.eval.metrics import normal_cosine, psnr, scale_invariant_mse, ssim
+    from hravatar.render.pipeline import render_gbuffers
+    from hravatar.shading import load_envmap, prefilter_latlong
+    from hravatar.train.model import forward_render
+
+    albedo_frames = set(gt_info.get("albedo_frames", []))
+    normal_frames = set(gt_info.get("normal_frames", []))
+    relit_frames = set(gt_info.get("relit_frames", []))
+    # per-channel albedo scale: albedo and light are only known up to a factor; align it once
+    # on the true albedo (as relighting benchmarks do) before relighting with a known light
+    num, den = torch.zeros(3, device=device), torch.zeros(3, device=device)
+    lmse, ncos = [], []
+    for i in idx:
+        g_idx = ds.frame_indices[i]
+        gb = render_gbuffers(avatar.deform(frames[i]), ds[i].camera.to(device))
+        m = gb.alpha[..., 0] > 0.5
+        if g_idx in albedo_frames:
+            ga = ds.gt_image("albedo", g_idx)
+            gm = m & (ga.sum(-1) > 0)
+            num += (gb.albedo[gm] * ga[gm]).sum(0)
+            den += (gb.albedo[gm] ** 2).sum(0)
+            lmse.append(scale_invariant_mse(gb.albedo, ga, gm[..., None].float()))
+        if g_idx in normal_frames:
+            gn = ds.gt_image("normal", g_idx)
+            gm = m & (gn.abs().sum(-1) > 0)
+            ncos.append(normal_cosine(gb.normal, gn, gm[..., None].float()))
+    scale = (num / den.clamp(min=1e-8)) if den.sum() > 0 else None
+    out: dict = {}
+    if lmse:
+        out["albedo_lmse"] = float(np.mean(lmse))
+        out["albedo_scale"] = [float(x) for x in scale]
+    if ncos:
+        out["normal_cos"] = float(np.mean(ncos))
+    per_env = {}
+    for e in gt_info.get("envs", []):
+        env = prefilter_latlong(load_envmap(ds.root / "gt" / e["envmap"]).to(device))
+        ps, ss = [], []
+        for i in idx:
+            g_idx = ds.frame_indices[i]
+            if g_idx not in relit_frames:
+                continue
+            r = forward_render(avatar, frames[i], ds[i].camera.to(device), env, lut, response=gt_info.get("camera_response", "srgb"),
+                               shading=cfg.shading, exposure=float(e.get("exposure", 1.0)), rotation_deg=float(e.get("rotation_deg", 0.0)),
+                               albedo_scale=scale)
+            gt = ds.gt_image("relit", g_idx, e["name"])
+            ps.append(psnr(r["rgb"].clamp(0, 1), gt))
+            ss.append(ssim(r["rgb"].clamp(0, 1), gt))
+        if ps:
+            per_env[e["name"]] = {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss))}
+    if per_env:
+        out["relight"] = per_env
+        out["relight_psnr"] = float(np.mean([v["psnr"] for v in per_env.values()]))
+        out["relight_ssim"] = float(np.mean([v["ssim"] for v in per_env.values()]))
+    return out
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    """Markdown table of result dicts keyed by a row name."""
+    cols = ["psnr", "ssim", "mae100", "lpips", "relight_psnr", "relight_ssim", "albedo_lmse", "normal_cos"]
+    cols = [c for c in cols if any(c in r for r in rows.values())]
+    lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in rows.items():
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append("n/a" if v is None else (f"{v:.4f}" if c in ("ssim", "albedo_lmse", "normal_cos", "relight_ssim", "lpips") else f"{v:.2f}"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict, json_path: str | Path, name: str = "avatar") -> None:
+    """Write ``json_path`` and a markdown table beside it (``.md``)."""
+    json_path = Path(json_path)
+    atomic_write_bytes(json_path, (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_bytes(json_path.with_suffix(".md"), markdown_table({name: result}).encode())
