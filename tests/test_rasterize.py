@@ -11,7 +11,7 @@ import torch
 
 from hravatar.render import rasterize as rz
 from hravatar.render.camera import Camera
-from hravatar.render.rasterize import RasterOutput, rasterize_gaussians, select_backend
+from hravatar.render.rasterize import rasterize_gaussians, select_backend
 from hravatar.render.reference import make_test_scene, rasterize_reference
 from hravatar.render.torch_raster import project_gaussians, rasterize_torch
 
@@ -102,18 +102,18 @@ def test_torch_matches_bruteforce_reference(seed, n, width, height, tile):
     scene = _scene(seed, n, width, height)
     with torch.no_grad():
         out = rasterize_torch(**scene, tile_size=tile)
-        ref = rasterize_reference(**scene, tile_size=tile)
+        ref, done = rasterize_reference(**scene, tile_size=tile, with_done=True)
     assert out.features.shape == (height, width, 3)
     for key in ("features", "depth", "alpha"):
-        err = (getattr(out, key) - ref[key]).abs().max().item()
+        err = (getattr(out, key) - getattr(ref, key)).abs().max().item()
         assert err < 1e-4, f"{key}: max error {err}"
-    assert torch.equal(out.radii, ref["radii"])
-    vis = ref["radii"] > 0
-    assert (out.means2d[vis] - ref["means2d"][vis]).abs().max() < 1e-3
+    assert torch.equal(out.radii, ref.radii)
+    vis = ref.radii > 0
+    assert (out.means2d[vis] - ref.means2d[vis]).abs().max() < 1e-3
     assert torch.all(out.means2d[~vis] == 0)
     # the scene exercises what it claims: culling both ways, and the termination rule
     assert 0 < int(vis.sum()) < scene["means"].shape[0]
-    assert bool(ref["done"].any())
+    assert bool(done.any())
 
 
 def test_termination_is_exclusive():
@@ -129,7 +129,7 @@ def test_termination_is_exclusive():
     ref = rasterize_reference(means, quats, scales, opac, feats, cam)
     # pixel (7, 7) is centred on every mean: alpha = 0.995; after one layer T = 0.005 and the
     # second would give 2.5e-5 <= 1e-4, so only the first Gaussian contributes
-    for alpha, feat in ((out.alpha, out.features), (ref["alpha"], ref["features"])):
+    for alpha, feat in ((out.alpha, out.features), (ref.alpha, ref.features)):
         assert alpha[7, 7, 0].item() == pytest.approx(0.995, abs=1e-6)
         assert feat[7, 7, 0].item() == pytest.approx(0.995, abs=1e-6)
     assert out.depth[7, 7, 0].item() == pytest.approx(1.0, abs=1e-6)
@@ -204,7 +204,7 @@ def test_tile_coverage_rule():
     unclipped = math.exp(-0.5 * 16.5**2 / 25.3)  # pixel 32's alpha without the tile rule
     assert unclipped > 1 / 255
     assert row[31] > 1 / 255 and torch.all(row[32:] == 0)
-    assert torch.allclose(out.alpha, ref["alpha"], atol=1e-6)
+    assert torch.allclose(out.alpha, ref.alpha, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -219,8 +219,7 @@ def _loss_weights(scene, seed=7):
 
 
 def _loss(out, wts):
-    f, a, d = (out.features, out.alpha, out.depth) if isinstance(out, RasterOutput) else (out["features"], out["alpha"], out["depth"])
-    return (f * wts[0]).sum() + (a * wts[1]).sum() + 0.1 * (d * wts[2]).sum()
+    return (out.features * wts[0]).sum() + (out.alpha * wts[1]).sum() + 0.1 * (out.depth * wts[2]).sum()
 
 
 def _smooth_scene(seed: int, n: int, width=32, height=24) -> dict:
@@ -247,8 +246,8 @@ def _smooth_scene(seed: int, n: int, width=32, height=24) -> dict:
 def test_gradients_match_finite_differences():
     scene = _smooth_scene(3, 16)
     with torch.no_grad():
-        ref = rasterize_reference(**scene)
-    assert bool(ref["done"].any())  # termination is exercised
+        _, done = rasterize_reference(**scene, with_done=True)
+    assert bool(done.any())  # termination is exercised
     wts = _loss_weights(scene)
     p = _with_grad(scene)
     _loss(rasterize_torch(**p), wts).backward()
@@ -282,14 +281,14 @@ def test_gradients_match_reference_autograd():
     _loss(out, wts).backward()
     q = _with_grad(scene)
     ref = rasterize_reference(**q)
-    ref["means2d"].retain_grad()
+    ref.means2d.retain_grad()
     _loss(ref, wts).backward()
     for name in PARAMS:
         assert torch.allclose(p[name].grad, q[name].grad, rtol=1e-6, atol=1e-8), name
     vis = out.radii > 0
     # screen-space gradient for densification, as gsplat's info["means2d"]
     assert out.means2d.grad.shape == (scene["means"].shape[0], 2)
-    assert torch.allclose(out.means2d.grad[vis], ref["means2d"].grad[vis], rtol=1e-6, atol=1e-8)
+    assert torch.allclose(out.means2d.grad[vis], ref.means2d.grad[vis], rtol=1e-6, atol=1e-8)
     assert torch.all(out.means2d.grad[~vis] == 0)
 
 
@@ -357,11 +356,11 @@ def test_occlusion_culling_skips_hidden_work_without_changing_the_image(monkeypa
         with torch.no_grad():
             outs.append(rasterize_torch(**scene, max_pairs=mp))
     assert counted[1] < 0.7 * counted[0]  # hidden Gaussians were skipped in small batches
-    ref = rasterize_reference(**scene)
+    ref, done = rasterize_reference(**scene, with_done=True)
     for out in outs:
         for key in ("features", "depth", "alpha"):
-            assert (getattr(out, key) - ref[key]).abs().max() < 1e-4, key
-    assert 0.3 < ref["done"].float().mean().item() < 0.8  # the wall finishes part of the image
+            assert (getattr(out, key) - getattr(ref, key)).abs().max() < 1e-4, key
+    assert 0.3 < done.float().mean().item() < 0.8  # the wall finishes part of the image
 
 
 # ----------------------------------------------------------------------------- edge cases

@@ -133,6 +133,107 @@ def cmd_bench(a: argparse.Namespace) -> None:
         print(f"wrote {a.json}")
 
 
+# nested config groups of TrainConfig and their option prefixes
+_TRAIN_GROUPS = (("avatar", "avatar-"), ("light", "light-"), ("loss", "loss-"), ("lr", "lr-"), ("densify", "densify-"))
+
+
+def train_config_from_args(a: argparse.Namespace):
+    """The profile's TrainConfig with every option given on the command line applied."""
+    from dataclasses import replace
+
+    from hravatar.train.config import profile_config
+    from hravatar.utils.dataclass_cli import apply_overrides
+
+    cfg = apply_overrides(profile_config(a.profile), a)
+    for name, prefix in _TRAIN_GROUPS:
+        cfg = replace(cfg, **{name: apply_overrides(getattr(cfg, name), a, prefix)})
+    return cfg
+
+
+def cmd_synth(a: argparse.Namespace) -> None:
+    from rich.progress import Progress
+
+    from hravatar.data.synth import SynthConfig, generate_synthetic
+
+    cfg = SynthConfig(frames=a.frames, res=a.res, seed=a.seed, gaussians=a.gaussians)
+    with Progress() as prog:
+        tasks: dict[str, int] = {}
+
+        def cb(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = prog.add_task(stage, total=total)
+            prog.update(tasks[stage], completed=done)
+
+        out = generate_synthetic(a.out_dir, cfg, progress=cb)
+    print(f"wrote {out}")
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from hravatar.train.events import JsonlLog, RichProgress, TensorBoardLog
+    from hravatar.train.trainer import Trainer, TrainingStopped
+
+    cfg = train_config_from_args(a)
+    trainer = Trainer(a.dataset, a.out, cfg, device=_device(a.device))
+    log = JsonlLog(Path(a.out) / "events.jsonl")
+    trainer.bus.subscribe(log)
+    if not a.quiet:
+        trainer.bus.subscribe(RichProgress())
+    try:
+        trainer.bus.subscribe(TensorBoardLog(Path(a.out) / "tb"))
+    except ImportError:
+        pass  # TensorBoard is optional; events.jsonl always has everything
+    try:
+        path = trainer.run(resume=a.resume)
+    except TrainingStopped as e:
+        raise CliError(str(e)) from None
+    finally:
+        log.close()
+    print(f"wrote {path}")
+
+
+ABLATIONS = {
+    "full": {},
+    "no_encoder": {"encoder": False},
+    "no_learnable_deformation": {"deformation": "fixed"},
+    "no_pbs": {"shading": "color"},
+}
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from hravatar.eval.evaluate import evaluate, markdown_table, write_report
+    from hravatar.io.safe import atomic_write_bytes
+
+    dev = _device(a.device)
+    if a.ablations:
+        import json
+
+        from hravatar.train.trainer import Trainer
+
+        base = Path(a.target)
+        rows = {}
+        for name, over in ABLATIONS.items():
+            run = base / name
+            cfg = replace(train_config_from_args(a), **over)
+            if not (run / "avatar.safetensors").exists() or a.retrain:
+                Trainer(a.data, run, cfg, device=dev).run(resume=True)
+            rows[name] = evaluate(run, a.data, dev, max_frames=a.max_frames)
+            print(f"{name}: PSNR {rows[name]['psnr']:.2f} dB")
+        table = markdown_table(rows)
+        out = Path(a.json) if a.json else base / "ablations.json"
+        atomic_write_bytes(out, (json.dumps(rows, indent=2) + "\n").encode())
+        atomic_write_bytes(out.with_suffix(".md"), table.encode())
+        print(table)
+        return
+    strip = Path(a.json).with_name(Path(a.json).stem + "_strip.png") if a.json else None
+    res = evaluate(a.target, a.data, dev, max_frames=a.max_frames, strip_path=strip)
+    if a.json:
+        write_report(res, a.json, Path(a.target).name)
+        print(f"wrote {a.json}, {Path(a.json).with_suffix('.md')} and {strip}")
+    print(markdown_table({Path(a.target).name: res}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hravatar.render.pipeline import CHANNELS
 
@@ -182,6 +283,42 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     b.add_argument("--json", default=None, help="write results here")
     b.set_defaults(func=cmd_bench)
+
+    sy = sub.add_parser("synth", help="render the synthetic ground-truth benchmark dataset")
+    sy.add_argument("out_dir")
+    sy.add_argument("--frames", type=int, default=300)
+    sy.add_argument("--res", type=int, default=256)
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--gaussians", type=int, default=120000, help="Gaussians of the ground-truth subject")
+    sy.set_defaults(func=cmd_synth)
+
+    from hravatar.train.config import AvatarConfig, DensifySettings, LightConfig, LossConfig, LRConfig, TrainConfig
+    from hravatar.utils.dataclass_cli import add_dataclass_arguments
+
+    def train_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--profile", choices=["quick", "full"], default="full", help="quick: CPU-friendly 256px; full: the method's schedule at 512px")
+        sp.add_argument("--device", default="auto")
+        add_dataclass_arguments(sp, TrainConfig, "", "training (overrides the profile)", overrides_only=True, skip=("profile",))
+        for cls, (name, prefix) in zip((AvatarConfig, LightConfig, LossConfig, LRConfig, DensifySettings), _TRAIN_GROUPS):
+            add_dataclass_arguments(sp, cls, prefix, f"{name} (overrides the profile)", overrides_only=True)
+
+    t = sub.add_parser("train", help="train an avatar on a prepared dataset")
+    t.add_argument("dataset")
+    t.add_argument("--out", required=True, help="run folder (checkpoints, events.jsonl, previews)")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress display")
+    train_options(t)
+    t.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a trained avatar on the test frames (or run the ablations)")
+    ev.add_argument("target", help="run folder or checkpoint (with --ablations: the folder for the ablation runs)")
+    ev.add_argument("--data", required=True, help="dataset folder")
+    ev.add_argument("--json", default=None, help="write results here (plus .md table and _strip.png)")
+    ev.add_argument("--max-frames", type=int, default=None, help="evaluate at most this many test frames")
+    ev.add_argument("--ablations", action="store_true", help="train and evaluate the method's ablation switches")
+    ev.add_argument("--retrain", action="store_true", help="with --ablations: retrain existing runs")
+    train_options(ev)
+    ev.set_defaults(func=cmd_eval)
     return p
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .camera import Camera, orbit_camera
+from .rasterize import RasterOutput
 
 _ALPHA_MIN = 1.0 / 255.0
 _ALPHA_MAX = 0.999
@@ -100,14 +101,16 @@ def rasterize_reference(
     far_plane: float = 1e10,
     eps2d: float = 0.3,
     tile_size: int = 16,
-) -> dict:
+    with_done: bool = False,
+) -> RasterOutput | tuple[RasterOutput, Tensor]:
     """Brute-force 3DGS rasterization: every pixel x every Gaussian, front-to-back loop.
 
     Args: as :func:`hravatar.render.rasterize.rasterize_gaussians` (means [N, 3], quats [N, 4],
         scales [N, 3], opacities [N], features [N, C]). Use tiny images: memory is H*W*N.
+        with_done: also return which pixels hit the termination rule.
     Returns:
-        dict with features [H, W, C], depth [H, W, 1], alpha [H, W, 1], done [H, W] bool (the
-        pixel hit the termination rule), and the projection (means2d [N, 2], radii [N], depths [N]).
+        :class:`RasterOutput` (features [H, W, C], depth [H, W, 1], alpha [H, W, 1], means2d,
+        radii, depths); with ``with_done``, also a [H, W] bool mask of terminated pixels.
     """
     dt, dev = means.dtype, means.device
     W, H, ts = camera.width, camera.height, tile_size
@@ -146,15 +149,17 @@ def rasterize_reference(
     alpha_img = (1 - T).view(H, W, 1)
     C = features.shape[1]
     img = out.view(H, W, C + 1)
-    return dict(
+    out = RasterOutput(
         features=img[..., :C],
         depth=img[..., C:] / alpha_img.clamp(min=1e-10),
         alpha=alpha_img,
-        done=done.view(H, W),
         means2d=pr["means2d"],
         radii=pr["radii"],
         depths=pr["depths"],
+        width=W,
+        height=H,
     )
+    return (out, done.view(H, W)) if with_done else out
 
 
 def make_test_scene(

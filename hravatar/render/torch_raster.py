@@ -56,7 +56,7 @@ ALPHA_MAX = 0.999
 T_MIN = 1e-4
 LOG_T_MIN = math.log(T_MIN)
 #: Default bound on candidate (pixel, Gaussian) pairs expanded at once (~100 bytes each).
-DEFAULT_MAX_PAIRS = 1 << 19
+DEFAULT_MAX_PAIRS = 1 << 18
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import math
 import random
 import time
@@ -352,8 +353,13 @@ class Trainer:
         if not path.exists():
             return False
         t, meta = load_train_state(path)
-        if meta["config"] != self.cfg.to_dict():
-            raise CheckpointError(f"{path}: was written with a different configuration; use the same profile/options or a new --out")
+        # cadence options may change between runs; everything that shapes the result may not
+        free = ("iterations", "checkpoint_every", "eval_every", "eval_frames", "preview_every", "log_every")
+        old = {k: v for k, v in meta["config"].items() if k not in free}
+        new = {k: v for k, v in json.loads(json.dumps(self.cfg.to_dict())).items() if k not in free}
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise CheckpointError(f"{path}: was written with a different configuration ({', '.join(diff)}); use the same options or a new --out")
         with torch.no_grad():
             for k in list(self.avatar.params.keys()):
                 self.avatar.params[k] = nn.Parameter(t[f"params.{k}"].to(self.device))

@@ -18,29 +18,36 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", group_title: str | None = None) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", group_title: str | None = None,
+                            overrides_only: bool = False, skip: tuple[str, ...] = ()) -> None:
     """Add one ``--prefix-field`` option per field of dataclass ``cls`` (defaults from ``cls``).
 
-    Supports bool (``--x/--no-x``), int, float, str, Optional[...] and tuple[...] fields; the
-    field's docstring line in the class docstring is not parsed, the field name is the help.
+    Supports bool (``--x/--no-x``), int, float, str, Optional[...] and tuple[...] fields;
+    nested dataclass fields and names in ``skip`` are left out. With ``overrides_only`` an option
+    the user does not give is absent from the namespace (see :func:`apply_overrides`).
     """
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(group_title or cls.__name__)
     for f in dataclasses.fields(cls):
         tp, optional = _base_type(hints[f.name])
+        if f.name in skip or dataclasses.is_dataclass(tp):
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = default
+        if overrides_only:
+            default = argparse.SUPPRESS
         flag = f"--{prefix}{f.name.replace('_', '-')}"
         dest = f"{prefix.replace('-', '_')}{f.name}"
         if tp is bool:
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=f"(default {default})")
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=f"(default {shown})")
         elif typing.get_origin(tp) is tuple:
             el = typing.get_args(tp)[0]
-            group.add_argument(flag, dest=dest, type=el, nargs=len(typing.get_args(tp)), default=default, help=f"(default {default})")
+            group.add_argument(flag, dest=dest, type=el, nargs=len(typing.get_args(tp)), default=default, help=f"(default {shown})")
         elif tp in (int, float, str):
             conv = tp
             if optional:
                 conv = lambda s, t=tp: None if s.lower() == "none" else t(s)  # noqa: E731
-            group.add_argument(flag, dest=dest, type=conv, default=default, help=f"(default {default})")
+            group.add_argument(flag, dest=dest, type=conv, default=default, help=f"(default {shown})")
 
 
 def dataclass_from_args(cls: type, ns: argparse.Namespace, prefix: str = ""):
@@ -52,3 +59,14 @@ def dataclass_from_args(cls: type, ns: argparse.Namespace, prefix: str = ""):
             v = getattr(ns, dest)
             kw[f.name] = tuple(v) if isinstance(v, list) else v
     return cls(**kw)
+
+
+def apply_overrides(obj, ns: argparse.Namespace, prefix: str = ""):
+    """Copy of dataclass instance ``obj`` with the fields given on the command line replaced."""
+    kw = {}
+    for f in dataclasses.fields(obj):
+        dest = f"{prefix.replace('-', '_')}{f.name}"
+        if hasattr(ns, dest):
+            v = getattr(ns, dest)
+            kw[f.name] = tuple(v) if isinstance(v, list) else v
+    return dataclasses.replace(obj, **kw)
