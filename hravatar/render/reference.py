@@ -175,7 +175,7 @@ def make_test_scene(
     """A plausible head-sized scene for tests and benchmarks.
 
     Gaussians lie on an ellipsoid of semi-axes (8.5, 11, 9.5) cm, flattened along the surface
-    normal, tangent scales log-normal around sqrt(area / n) / 2 (about 1.3 mm for n = 20K),
+    normal, tangent scales log-normal around sqrt(area / n) / 2 (about 1.2 mm for n = 20K),
     opacities mostly high; the camera looks at it from 0.5 m with a 25 degree vertical field
     of view, so the head covers about 60% of a square frame and a Gaussian's radius is a few
     pixels at 256x256.
