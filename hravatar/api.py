@@ -22,15 +22,18 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEMO_CHECKPOINT = ASSETS / "demo_avatar.safetensors"
 
 
-def untrained_avatar(num_gaussians: int | None = 40000) -> AvatarBundle:
+def untrained_avatar(num_gaussians: int | None = None, per_face: int = 2) -> AvatarBundle:
     """An untrained avatar on the built-in head, coloured from its procedural albedo.
 
-    Uses the "surface" initialisation (opaque discs on the mesh) so it renders a clean head.
+    Uses the "surface" initialisation (opaque discs on the mesh) so it renders a clean head;
+    ``per_face`` Gaussians per triangle follow the mesh density (fine eyes and lips), or
+    ``num_gaussians`` spread by area.
     """
     from hravatar.head.builtin import load_builtin_head
 
     head = load_builtin_head()
-    cfg = AvatarConfig(num_gaussians=num_gaussians, init_mode="surface", albedo_init="vertex", roughness_init=0.65)
+    cfg = AvatarConfig(gaussians_per_face=per_face, num_gaussians=num_gaussians, init_mode="surface", albedo_init="vertex",
+                       roughness_init=0.65)
     av = GaussianAvatar.from_head(head, cfg)
     return AvatarBundle(av, meta={"data": {"source": "untrained built-in head"}})
 

@@ -88,14 +88,16 @@ def _range_logit(value: Tensor, lo: float, hi: float) -> Tensor:
 
 
 def sample_on_mesh(
-    vertices: Tensor, faces: Tensor, per_face: int, total: int | None, generator: torch.Generator
+    vertices: Tensor, faces: Tensor, per_face: int, total: int | None, generator: torch.Generator, stratified: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Random points on a triangle mesh.
 
     Args:
         vertices: [V, 3]; faces: [F, 3].
         per_face: points per triangle (used when ``total`` is None).
-        total: if given, this many points sampled area-weighted.
+        total: if given, this many points distributed by area: i.i.d. (multinomial) or, with
+            ``stratified``, a deterministic per-face count proportional to area (largest
+            remainder), which leaves no clumps or holes.
     Returns:
         face_idx: [N] triangle of each point; bary: [N, 3] barycentric coordinates.
     """
@@ -104,8 +106,16 @@ def sample_on_mesh(
         face_idx = torch.arange(Fn).repeat_interleave(per_face)
     else:
         tri = vertices[faces]
-        area = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).norm(dim=-1)
-        face_idx = torch.multinomial(area / area.sum(), total, replacement=True, generator=generator)
+        area = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).norm(dim=-1).double()
+        if stratified:
+            want = area / area.sum() * total
+            counts = want.floor().long()
+            rest = total - int(counts.sum())
+            if rest > 0:
+                counts[torch.argsort(want - counts, descending=True)[:rest]] += 1
+            face_idx = torch.arange(Fn).repeat_interleave(counts)
+        else:
+            face_idx = torch.multinomial((area / area.sum()).float(), total, replacement=True, generator=generator)
     u = torch.rand(face_idx.shape[0], 2, generator=generator)
     flip = u.sum(-1) > 1  # fold the unit square onto the triangle: uniform on its area
     u[flip] = 1 - u[flip]
@@ -176,7 +186,8 @@ class GaussianAvatar(nn.Module):
         g = torch.Generator().manual_seed(cfg.seed)
         faces = head.faces
         v_shaped = head.shaped_template(beta_full[None])[0]
-        face_idx, bary = sample_on_mesh(v_shaped, faces, cfg.gaussians_per_face, cfg.num_gaussians, g)
+        face_idx, bary = sample_on_mesh(v_shaped, faces, cfg.gaussians_per_face, cfg.num_gaussians, g,
+                                        stratified=cfg.init_mode == "surface")
         N = face_idx.shape[0]
 
         # canonical = un-shaped template position; shape offsets are applied at deform time
@@ -200,7 +211,7 @@ class GaussianAvatar(nn.Module):
             quats = matrix_to_quat(R)
             area = 0.5 * torch.linalg.cross(e1, e2).norm(dim=-1)
             counts = torch.bincount(face_idx, minlength=faces.shape[0]).clamp(min=1)[face_idx].float()
-            r = torch.sqrt(area / counts / math.pi).clamp(min=1e-4) * 1.3
+            r = torch.sqrt(area / counts / math.pi).clamp(min=1e-4) * 1.5
             r = torch.minimum(r, nn_d * 2.0).clamp(min=2e-4)
             scales = torch.log(torch.stack([r, r, r * 0.1], -1))
             opac = torch.full((N,), 0.95)
@@ -211,7 +222,10 @@ class GaussianAvatar(nn.Module):
             opac = torch.full((N,), cfg.init_opacity)
 
         if cfg.albedo_init == "vertex" and head.vertex_colors.abs().sum() > 0:
-            albedo = _interp(head.vertex_colors, faces, face_idx, bary).clamp(0.02, 0.98)
+            # vertex colours are display (sRGB) values; albedo is linear reflectance
+            from hravatar.shading.tonemap import srgb_eotf
+
+            albedo = srgb_eotf(_interp(head.vertex_colors, faces, face_idx, bary)).clamp(0.02, 0.98)
         else:
             albedo = torch.full((N, 3), float(cfg.albedo_init) if cfg.albedo_init != "vertex" else 0.5)
         rlo, rhi = cfg.roughness_range

@@ -63,7 +63,7 @@ class HeadModel(nn.Module):
         regions: [R, V] bool masks, one per name in ``region_names``.
         lmk_faces: [478] int64 face index of each MediaPipe landmark.
         lmk_bary: [478, 3] barycentric coordinates of each landmark in its face.
-        vertex_colors: [V, 3] optional default albedo in [0,1] (zeros when unknown).
+        vertex_colors: [V, 3] optional default albedo, sRGB-encoded in [0,1] (zeros when unknown).
     """
 
     def __init__(

@@ -254,7 +254,7 @@ class Trainer:
             loss = loss + cfg.loss.alpha_mask * lm
             logs["mask"] = lm.detach()
         if not torch.isfinite(loss):
-            raise TrainingStopped(f"loss became {float(loss)} at iteration {it}; the last good checkpoint is kept in {self.run_dir}")
+            raise TrainingStopped(f"loss became {float(loss.detach())} at iteration {it}; the last good checkpoint is kept in {self.run_dir}")
         loss.backward()
         self.strategy.step_post_backward(self.avatar.params, self.optimizers, self.strategy_state, it, info, packed=False)
         for opt in list(self.optimizers.values()) + list(self.extra_optimizers.values()):
