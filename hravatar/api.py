@@ -92,13 +92,17 @@ def head_bounds(avatar: GaussianAvatar, frame: FrameParams | None = None) -> tup
     return (lo + hi) / 2, float((hi - lo).norm() / 2)
 
 
-def default_camera(bundle: AvatarBundle, res: int = 512, yaw_deg: float = 0.0, pitch_deg: float = 0.0, fov_y_deg: float = 20.0) -> Camera:
-    """The training camera when the checkpoint has one (resized), else a framing front view."""
+def default_camera(bundle: AvatarBundle, res: int = 512, yaw_deg: float = 0.0, pitch_deg: float = 0.0, fov_y_deg: float = 20.0,
+                   zoom: float = 1.0) -> Camera:
+    """The training camera when the checkpoint has one (resized), else a front view framing the
+    whole head (``zoom`` > 1 moves closer, centred a little above the middle)."""
     if bundle.camera is not None and yaw_deg == 0.0 and pitch_deg == 0.0:
         return bundle.camera.resized(res, res)
     c, r = head_bounds(bundle.avatar)
     c = c.cpu()
-    dist = r / math.sin(math.radians(fov_y_deg) / 2) * 0.95
+    if zoom != 1.0:
+        c = c + torch.tensor([0.0, 0.25 * r * (1 - 1 / zoom), 0.0])  # favour the face over the neck
+    dist = r / math.sin(math.radians(fov_y_deg) / 2) * 0.95 / zoom
     yaw, pitch = math.radians(yaw_deg), math.radians(pitch_deg)
     eye = c + dist * torch.tensor([math.sin(yaw) * math.cos(pitch), math.sin(pitch), math.cos(yaw) * math.cos(pitch)])
     return Camera(look_at(eye, c), intrinsics_from_fov(fov_y_deg, res, res), res, res)

@@ -234,6 +234,30 @@ def cmd_eval(a: argparse.Namespace) -> None:
     print(markdown_table({Path(a.target).name: res}))
 
 
+def cmd_demo(a: argparse.Namespace) -> None:
+    """Synthetic subject -> quick training -> compact checkpoint (the bundled demo avatar)."""
+    from hravatar.api import DEMO_CHECKPOINT
+    from hravatar.data.synth import SynthConfig, generate_synthetic
+    from hravatar.io.checkpoint import bake_identity, load_checkpoint, save_checkpoint
+    from hravatar.train.config import profile_config
+    from hravatar.train.events import JsonlLog, RichProgress
+    from hravatar.train.trainer import Trainer
+
+    work = Path(a.work)
+    data = work / "synth"
+    if not data.exists():
+        generate_synthetic(data, SynthConfig(frames=a.frames, res=256, seed=a.seed))
+    trainer = Trainer(data, work / "run", profile_config("quick"), device=_device(a.device))
+    trainer.bus.subscribe(JsonlLog(work / "run" / "events.jsonl"))
+    trainer.bus.subscribe(RichProgress())
+    ck = trainer.run(resume=True)
+    bundle = load_checkpoint(ck)
+    bundle.avatar = bake_identity(bundle.avatar)
+    out = Path(a.out) if a.out else DEMO_CHECKPOINT
+    save_checkpoint(out, bundle, compact=True)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hravatar.render.pipeline import CHANNELS
 
@@ -319,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--retrain", action="store_true", help="with --ablations: retrain existing runs")
     train_options(ev)
     ev.set_defaults(func=cmd_eval)
+    d = sub.add_parser("demo", help="rebuild the bundled demo avatar (synthetic subject, quick profile)")
+    d.add_argument("--work", required=True, help="folder for the synthetic data and the training run (resumable)")
+    d.add_argument("--out", default=None, help="output checkpoint (default: assets/demo_avatar.safetensors)")
+    d.add_argument("--frames", type=int, default=300)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto")
+    d.set_defaults(func=cmd_demo)
     return p
 
 

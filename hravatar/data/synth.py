@@ -35,6 +35,7 @@ class SynthConfig:
     fps: float = 25.0
     gaussians: int = 120000
     fov_deg: float = 20.0
+    zoom: float = 1.4  # frame the head like a face-tracking crop (the neck is cut)
     train_env: tuple = TRAIN_ENV
     relit_envs: tuple = field(default_factory=lambda: RELIT_ENVS)
     tracking_noise: float = 0.0  # std of noise added to the written (pre-tracked) expressions
@@ -239,7 +240,7 @@ def generate_synthetic(out_dir, cfg: SynthConfig, progress=None):
     train_seq = make_sequence(head, n_train, cfg.fps, cfg.seed * 7 + 1)
     test_seq = make_sequence(head, n_test, cfg.fps, cfg.seed * 7 + 2, amplitude=1.15)  # unseen values
     seq = FrameParams(*(torch.cat([getattr(train_seq, k), getattr(test_seq, k)]) for k in ("expr", "pose", "eyelids", "transl")))
-    camera = default_camera(AvatarBundle(subject), cfg.res, fov_y_deg=cfg.fov_deg)
+    camera = default_camera(AvatarBundle(subject), cfg.res, fov_y_deg=cfg.fov_deg, zoom=cfg.zoom)
     camera = camera.resized(cfg.res, cfg.res)
     lut = load_brdf_lut()
     env_cache: dict[str, object] = {}

@@ -59,8 +59,33 @@ def _config_from_dict(d: dict) -> AvatarConfig:
     return AvatarConfig(**kw)
 
 
-def save_checkpoint(path: str | Path, bundle: AvatarBundle) -> None:
-    """Write ``bundle`` to ``path`` atomically (temp file + rename)."""
+#: Large per-Gaussian bases that ``save_checkpoint(..., compact=True)`` stores as float16.
+HALF_KEYS = ("avatar.shapedirs", "avatar.exprdirs", "avatar.posedirs", "avatar.eyelid_dirs")
+
+
+def bake_identity(avatar: GaussianAvatar) -> GaussianAvatar:
+    """Fold the subject's shape offsets into the canonical means (S -> 0 components).
+
+    Deformation is unchanged (shape offsets are a constant per subject), and the file shrinks by
+    3*S floats per Gaussian.
+    """
+    from hravatar.head.lbs import blend_offsets
+
+    p = {k: v.detach() for k, v in avatar.params.items()}
+    if avatar.beta.numel():
+        p["means"] = p["means"] + blend_offsets(p["shapedirs"], avatar.beta[None])[0]
+    p["shapedirs"] = p["shapedirs"][..., :0]
+    out = GaussianAvatar(p, avatar.joints, avatar.beta[:0], avatar.config, avatar.expr_names, avatar.head_identity,
+                         float(avatar.log_global_scale.detach()))
+    return out.to(avatar.device)
+
+
+def save_checkpoint(path: str | Path, bundle: AvatarBundle, compact: bool = False) -> None:
+    """Write ``bundle`` to ``path`` atomically (temp file + rename).
+
+    ``compact`` stores the blendshape bases and encoder weights as float16 (about half the size;
+    used for the bundled demo avatar); loading always gives float32.
+    """
     av = bundle.avatar
     t: dict[str, Tensor] = {f"avatar.{k}": v for k, v in av.params.items()}
     t["avatar.log_global_scale"] = av.log_global_scale.detach().reshape(1)
@@ -89,8 +114,15 @@ def save_checkpoint(path: str | Path, bundle: AvatarBundle) -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **{k: v for k, v in bundle.meta.items() if k not in ("format", "version")},
     }
-    save_safetensors_atomic({k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in t.items()}, path,
-                            {"hravatar": json.dumps(meta)})
+    def store(k: str, v: Tensor) -> Tensor:
+        v = v.detach()
+        if not v.is_floating_point():
+            return v
+        if compact and (k in HALF_KEYS or (k.startswith("extra.") and v.dim() > 1)):
+            return v.half()
+        return v.float()
+
+    save_safetensors_atomic({k: store(k, v) for k, v in t.items()}, path, {"hravatar": json.dumps(meta)})
 
 
 def read_checkpoint_meta(path: str | Path) -> dict:
@@ -118,6 +150,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Ava
         raise CheckpointError(f"{path}: is a folder; pass a checkpoint file (e.g. {path}/avatar.safetensors)")
     meta = read_checkpoint_meta(path)
     tensors, _ = load_safetensors_checked(path)
+    tensors = {k: (v.float() if v.dtype in (torch.float16, torch.bfloat16) else v) for k, v in tensors.items()}
     params = {}
     for k in PARAM_KEYS:
         if f"avatar.{k}" not in tensors:
