@@ -56,7 +56,8 @@ def resolve_environment(spec: str | None, bundle: AvatarBundle | None = None, wi
         spec: "builtin:NAME" (procedural), "learned" (the avatar's captured lighting), a path to
             a lat-long ``.hdr``/``.exr`` file, or None (learned if the avatar has it, else studio).
     Returns:
-        ``(environment, tonemap_operator)``: "clamp" for the learned LDR light, "aces" for HDR.
+        ``(environment, tonemap_operator)``: for the learned light the training camera response
+        ("linear" = clamp + sRGB, or "clamp"), "aces" for HDR maps.
     """
     from hravatar.shading import load_envmap, make_builtin_environment, prefilter_latlong
 
@@ -69,8 +70,10 @@ def resolve_environment(spec: str | None, bundle: AvatarBundle | None = None, wi
 
         light = LearnedLighting(**bundle.light_config)
         light.load_state_dict(bundle.light_state)
+        # the learned light reproduces pixel values through the training camera response
+        response = (bundle.meta.get("train_config") or {}).get("camera_response", "none")
         with torch.no_grad():
-            return light.environment(), "clamp"
+            return light.environment(), ("linear" if response == "srgb" else "clamp")
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         env = prefilter_latlong(make_builtin_environment(name, width=width))

@@ -88,7 +88,10 @@ class TrainConfig:
     encoder_weights: str = ""  # path to SMIRK_em1.pt (user-supplied); empty: regress the tracked parameters first
     deformation: str = "learnable"
     shading: str = "pbr"
-    camera_response: str = "none"  # "none" (method: shading output compared to pixels) or "srgb"
+    # "none" (the method: shading output compared to pixels), "srgb" (pixels = sRGB(clamp(radiance)),
+    # physically right for cameras and what HDR relighting needs) or "auto": the dataset's declared
+    # response (synthetic data declares "srgb"), else "none"
+    camera_response: str = "auto"
     checkpoint_every: int = 1000
     eval_every: int = 1000
     eval_frames: int = 8

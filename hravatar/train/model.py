@@ -40,8 +40,10 @@ def forward_render(avatar: GaussianAvatar, frame: FrameParams, camera: Camera, e
     gb = render_gbuffers(g, camera)
     if albedo_scale is not None:
         gb.albedo = gb.albedo * albedo_scale
-    if shading == "color" or albedo_only:
+    if shading == "color":
         rgb = gb.albedo
+    elif albedo_only:  # the method's warm-up: unshaded albedo against the pixels
+        rgb = camera_response(gb.albedo, response)
     else:
         sh = shade_gbuffers(gb, camera, env, brdf_lut, rotation_deg=rotation_deg)
         rgb = camera_response(sh["shaded"] * exposure, response)

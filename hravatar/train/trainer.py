@@ -6,7 +6,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,9 @@ class Trainer:
         self.train_set = HeadVideoDataset(data_root, "train", resolution=config.resolution, device=self.device)
         self.test_set = HeadVideoDataset(data_root, "test", resolution=config.resolution, device=self.device)
         self.data_root = Path(data_root)
+        if config.camera_response == "auto":
+            declared = (self.train_set.meta.synthetic or {}).get("camera_response", "none")
+            self.cfg = config = replace(config, camera_response=declared)
         n_train = len(self.train_set)
         self.total = config.iterations or config.epochs * n_train
         torch.manual_seed(config.seed)
