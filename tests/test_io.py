@@ -186,3 +186,14 @@ def test_compact_checkpoint_bakes_identity_and_halves_bases(tmp_path, bundle):
     assert b.avatar.params["exprdirs"].dtype == torch.float32
     # float16 bases: positions agree to well under a micrometre-scale tolerance for these offsets
     assert torch.allclose(b.avatar.deform(f).means, baked.deform(f).means, atol=1e-5)
+
+
+def test_bundled_demo_avatar_is_valid_and_small():
+    from hravatar.api import DEMO_CHECKPOINT, open_avatar
+
+    assert DEMO_CHECKPOINT.exists(), "assets/demo_avatar.safetensors is missing (rebuild: hravatar demo --work DIR)"
+    assert DEMO_CHECKPOINT.stat().st_size <= 25 * 1024 * 1024
+    b = open_avatar(None)
+    assert b.light_state and b.camera is not None and b.sequence is not None
+    assert b.meta["train"]["iteration"] == b.meta["train"]["total"]
+    assert any(k.startswith("encoder.") for k in b.extra)  # webcam driving with the avatar's own encoder
