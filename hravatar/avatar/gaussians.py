@@ -278,13 +278,25 @@ class GaussianAvatar(nn.Module):
         lo, hi = self.config.f0_range
         return lo + (hi - lo) * torch.sigmoid(self.params["f0"])
 
+    def with_offsets(self, basis_offsets: dict[str, Tensor]) -> "GaussianAvatar":
+        """A copy whose per-Gaussian parameters include ``basis_offsets`` (baked, detached)."""
+        p = {k: v.detach() + (basis_offsets[k].detach() if k in basis_offsets else 0) for k, v in self.params.items()}
+        return GaussianAvatar(p, self.joints, self.beta, self.config, self.expr_names, self.head_identity,
+                              float(self.log_global_scale.detach())).to(self.device)
+
     def neutral_frame(self, batch: int = 1) -> FrameParams:
         return FrameParams.neutral(self.num_expr, batch, self.device)
 
     # ---------------------------------------------------------------- deformation
-    def deform(self, frame: FrameParams) -> DeformedGaussians:
-        """Canonical -> pose space, exactly the method's order (see :func:`deform_gaussians`)."""
-        p = self.params
+    def deform(self, frame: FrameParams, basis_offsets: dict[str, Tensor] | None = None) -> DeformedGaussians:
+        """Canonical -> pose space, exactly the method's order (see :func:`deform_gaussians`).
+
+        ``basis_offsets`` (optional, e.g. from the shared-MLP ablation) are added to the
+        per-Gaussian parameters of the same names before deforming.
+        """
+        p = dict(self.params)
+        for k, v in (basis_offsets or {}).items():
+            p[k] = p[k] + v
         means, quats, scales, R = deform_gaussians(
             means=p["means"], quats=p["quats"], log_scales=p["scales"],
             shapedirs=p["shapedirs"], exprdirs=p["exprdirs"], posedirs=p["posedirs"],

@@ -195,6 +195,7 @@ ABLATIONS = {
     "full": {},
     "no_encoder": {"encoder": False},
     "no_learnable_deformation": {"deformation": "fixed"},
+    "shared_mlp_deformation": {"deformation": "mlp"},
     "no_pbs": {"shading": "color"},
 }
 

@@ -72,9 +72,10 @@ class TrainConfig:
 
     ``iterations`` None means ``epochs * num_train_frames`` (method: 15 epochs).
     Ablation switches (the method's table): ``deformation`` "learnable" (full), "fixed" (bases
-    and LBS weights frozen at their mesh initialisation), "rigged" (Gaussians rigged to the head
-    mesh: bases and weights frozen, i.e. deformation as the tracked mesh), and ``encoder`` False
-    (pre-tracked expressions), ``shading`` "pbr" or "color" (plain colour per Gaussian).
+    and LBS weights frozen at their mesh initialisation: no learnable deformation), "mlp" (one
+    shared MLP of the canonical position predicts basis/weight offsets instead of free
+    per-Gaussian values); ``encoder`` False (pre-tracked expressions); ``shading`` "pbr" or
+    "color" (plain colour per Gaussian). The "rigged to mesh" row is not implemented yet.
     """
 
     profile: str = "full"

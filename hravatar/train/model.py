@@ -22,7 +22,8 @@ def camera_response(rgb: Tensor, kind: str) -> Tensor:
 
 def forward_render(avatar: GaussianAvatar, frame: FrameParams, camera: Camera, env, brdf_lut: Tensor, *,
                    response: str = "none", shading: str = "pbr", albedo_only: bool = False,
-                   exposure: float = 1.0, rotation_deg: float = 0.0, albedo_scale: Tensor | None = None) -> dict:
+                   exposure: float = 1.0, rotation_deg: float = 0.0, albedo_scale: Tensor | None = None,
+                   basis_offsets: dict | None = None) -> dict:
     """Render pixel values of one frame over black.
 
     Args:
@@ -33,10 +34,11 @@ def forward_render(avatar: GaussianAvatar, frame: FrameParams, camera: Camera, e
         albedo_only: render the albedo instead of shading (the method's warm-up).
         exposure: radiance multiplier before the response (relighting with HDR maps).
         albedo_scale: optional [3] per-channel albedo factor (scale alignment for relighting).
+        basis_offsets: optional per-Gaussian basis offsets (shared-MLP deformation ablation).
     Returns:
         {"rgb": [H,W,3] over black, "gb": GBuffers}.
     """
-    g = avatar.deform(frame)
+    g = avatar.deform(frame, basis_offsets)
     gb = render_gbuffers(g, camera)
     if albedo_scale is not None:
         gb.albedo = gb.albedo * albedo_scale

@@ -94,6 +94,13 @@ class Trainer:
         self.avatar = GaussianAvatar.from_head(head, config.avatar, beta=self.train_set.beta.cpu()).to(self.device)
         self._init_lighting()
         self._init_encoder()
+        self.deform_mlp = None
+        if config.deformation == "mlp":
+            from hravatar.avatar.mlp_deform import SharedDeformMLP
+
+            self.deform_mlp = SharedDeformMLP(self.avatar.num_expr).to(self.device)
+        elif config.deformation not in ("learnable", "fixed"):
+            raise ValueError(f"unknown deformation '{config.deformation}' (learnable, fixed or mlp)")
         from hravatar.shading import load_brdf_lut
 
         self.brdf_lut = load_brdf_lut(self.device)
@@ -145,6 +152,8 @@ class Trainer:
         }
         if self.encoder is not None:
             self.extra_optimizers["encoder"] = torch.optim.Adam(self.encoder.parameters(), lr=self.cfg.lr.encoder)
+        if self.deform_mlp is not None:
+            self.extra_optimizers["deform_mlp"] = torch.optim.Adam(self.deform_mlp.parameters(), lr=self.cfg.lr.lbs_weights)
 
     def _init_strategy(self) -> None:
         from .strategy import DensifyConfig, DensifyStrategy
@@ -185,8 +194,9 @@ class Trainer:
     def render(self, frame: FrameParams, camera: Camera, iteration: int | None = None, env=None) -> dict[str, Tensor]:
         """Forward model: {"rgb": [H,W,3] pixel values over black, "gb": G-buffers}."""
         warm = iteration is not None and iteration < self.cfg.albedo_warmup
+        offsets = self.deform_mlp(self.avatar.params["means"]) if self.deform_mlp is not None else None
         return forward_render(self.avatar, frame, camera, env if env is not None else self.light.environment(), self.brdf_lut,
-                              response=self.cfg.camera_response, shading=self.cfg.shading, albedo_only=warm)
+                              response=self.cfg.camera_response, shading=self.cfg.shading, albedo_only=warm, basis_offsets=offsets)
 
     # ------------------------------------------------------------------ training
     def _next_index(self) -> int:
@@ -307,8 +317,12 @@ class Trainer:
         ts = self.train_set
         seq = ts.frame_params(list(range(len(ts))))
         cam = ts[0].camera
+        avatar = self.avatar
+        if self.deform_mlp is not None:  # checkpoints hold plain per-Gaussian bases: bake the MLP in
+            with torch.no_grad():
+                avatar = self.avatar.with_offsets(self.deform_mlp(self.avatar.params["means"]))
         return AvatarBundle(
-            self.avatar, {k: v.detach() for k, v in self.light.state_dict().items()}, asdict(self.cfg.light), seq, cam, extra,
+            avatar, {k: v.detach() for k, v in self.light.state_dict().items()}, asdict(self.cfg.light), seq, cam, extra,
             {"data": {"root": str(self.data_root), "frames": len(ts) + len(self.test_set), "train": len(ts),
                       "test": len(self.test_set), "head": ts.meta.head},
              "train": {"iteration": self.iteration, "total": self.total, "profile": self.cfg.profile},
@@ -331,6 +345,9 @@ class Trainer:
             if self.encoder is not None:
                 for k, v in self.encoder.state_dict().items():
                     t[f"encoder.{k}"] = v
+            if self.deform_mlp is not None:
+                for k, v in self.deform_mlp.state_dict().items():
+                    t[f"deform_mlp.{k}"] = v
             for name, opt in list(self.optimizers.items()) + [(f"x_{k}", o) for k, o in self.extra_optimizers.items()]:
                 ot, om = optimizer_tensors(f"opt.{name}", opt)
                 t.update(ot)
@@ -370,6 +387,8 @@ class Trainer:
             self.light.load_state_dict({k[len("light."):]: v for k, v in t.items() if k.startswith("light.")})
             if self.encoder is not None:
                 self.encoder.load_state_dict({k[len("encoder."):]: v for k, v in t.items() if k.startswith("encoder.")})
+            if self.deform_mlp is not None:
+                self.deform_mlp.load_state_dict({k[len("deform_mlp."):]: v for k, v in t.items() if k.startswith("deform_mlp.")})
         self._build_optimizers()
         for name, opt in list(self.optimizers.items()) + [(f"x_{k}", o) for k, o in self.extra_optimizers.items()]:
             load_optimizer_tensors(f"opt.{name}", opt, {k: v.to(self.device) for k, v in t.items()}, meta["optimizers"][name])
