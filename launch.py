@@ -17,12 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("checkpoint", nargs="?", default=None, help="avatar checkpoint (default: bundled demo avatar)")
     p.add_argument("--out", default=str(ROOT / "out" / "demo.png"), help="where to write the preview image")
-    p.add_argument("--envmap", default="builtin:studio")
+    p.add_argument("--envmap", default=None, help="builtin:NAME, learned, or an .hdr/.exr file (default: the avatar's learned light)")
     p.add_argument("--res", type=int, default=512)
     a = p.parse_args(argv)
     from hravatar.cli.main import main as cli
 
-    args = ["render"] + ([a.checkpoint] if a.checkpoint else []) + ["--out", a.out, "--envmap", a.envmap, "--res", str(a.res)]
+    args = ["render"] + ([a.checkpoint] if a.checkpoint else []) + ["--out", a.out, "--res", str(a.res)]
+    if a.envmap:
+        args += ["--envmap", a.envmap]
     return cli(args)
 
 
