@@ -8,7 +8,7 @@ duplicate, split and prune all of them alike.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -361,7 +361,3 @@ def gaussian_normals(rotmats: Tensor, scales: Tensor, means: Tensor, cam_pos: Te
     to_cam = cam_pos - means
     sign = torch.where((axis * to_cam).sum(-1, keepdim=True) < 0, -1.0, 1.0)
     return axis * sign
-
-
-def avatar_config_dict(cfg: AvatarConfig) -> dict:
-    return asdict(cfg)

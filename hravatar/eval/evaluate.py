@@ -3,7 +3,6 @@ albedo and normal errors on synthetic data."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +30,7 @@ def _encoder_from_bundle(bundle: AvatarBundle, cfg, device):
     from hravatar.encoder import EncoderConfig, ExpressionEncoder, load_encoder_state
 
     enc = ExpressionEncoder(EncoderConfig(n_expr=bundle.avatar.num_expr, input_size=cfg.encoder_res)).to(device)
-    load_encoder_state(enc, {f"encoder.{k[len('encoder.'):]}": v for k, v in bundle.extra.items() if k.startswith("encoder.")},
-                       prefix="encoder.", source="checkpoint")
+    load_encoder_state(enc, bundle.extra, prefix="encoder.", source="checkpoint")
     return enc.eval()
 
 
@@ -47,8 +45,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
          "albedo_lmse", "normal_cos"}.
     """
     from hravatar.data import HeadVideoDataset
-    from hravatar.eval.metrics import error_strip, lpips_or_none, mae100, normal_cosine, psnr, scale_invariant_mse, ssim
-    from hravatar.shading import LearnedLighting, load_brdf_lut, load_envmap, prefilter_latlong
+    from hravatar.eval.metrics import error_strip, lpips_or_none, mae100, psnr, ssim
+    from hravatar.shading import LearnedLighting, load_brdf_lut
     from hravatar.train.model import encoded_frame, face_crop_boxes, forward_render
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -71,6 +69,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
     enc = _encoder_from_bundle(bundle, cfg, device)
     boxes = face_crop_boxes(ds, device) if enc is not None else None
 
+    gt_info = ds.gt_info
+    intrinsics = _IntrinsicErrors(ds, gt_info, device) if gt_info else None
     frames, scores = {}, {"psnr": [], "ssim": [], "mae100": [], "lpips": []}
     strip_rows = []
     for j, i in enumerate(idx):
@@ -78,13 +78,16 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
         f = s.params.to(device)
         if enc is not None:
             f, _ = encoded_frame(enc, f, s.image.to(device), boxes[i], cfg.encoder_res)
-        frames[i] = f
-        out = forward_render(avatar, f, s.camera.to(device), learned_env, lut, response=cfg.camera_response, shading=cfg.shading)
+        cam = s.camera.to(device)
+        frames[i] = (f, cam)
+        out = forward_render(avatar, f, cam, learned_env, lut, response=cfg.camera_response, shading=cfg.shading)
         pred, gt = out["rgb"].clamp(0, 1), s.image.to(device)
         scores["psnr"].append(psnr(pred, gt))
         scores["ssim"].append(ssim(pred, gt))
         scores["mae100"].append(mae100(pred, gt))
         scores["lpips"].append(lpips_or_none(pred, gt))
+        if intrinsics is not None:
+            intrinsics.add(ds.frame_indices[i], out["gb"])
         if j < 4:
             strip_rows.append((gt, pred))
     res: dict = {
@@ -99,57 +102,70 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
         gt = torch.cat([g for g, _ in strip_rows], 0)
         pr = torch.cat([p for _, p in strip_rows], 0)
         error_strip(gt, pr, strip_path)
-
-    gt_info = ds.gt_info
-    if gt_info:
-        res.update(_ground_truth_metrics(avatar, ds, idx, frames, gt_info, lut, cfg, device))
+    if intrinsics is not None:
+        res.update(intrinsics.result())
+        res.update(_relighting_metrics(avatar, ds, frames, gt_info, lut, cfg, intrinsics.albedo_scale(), device))
     return res
 
 
-def _ground_truth_metrics(avatar, ds, idx, frames, gt_info, lut, cfg, device) -> dict:
-    """Relighting / albedo / normal errors against the synthetic ground truth."""
-    from hravatar.eval.metrics import normal_cosine, psnr, scale_invariant_mse, ssim
-    from hravatar.render.pipeline import render_gbuffers
+class _IntrinsicErrors:
+    """Albedo (scale-invariant MSE) and normal (cosine) errors against the synthetic ground
+    truth, accumulated from the G-buffers of the evaluation renders, plus the per-channel albedo
+    scale that aligns the avatar's albedo with the true one (albedo and light are only known up
+    to a factor; relighting benchmarks align it once before relighting with a known light)."""
+
+    def __init__(self, ds, gt_info: dict, device) -> None:
+        self.ds = ds
+        self.albedo_frames = set(gt_info.get("albedo_frames", []))
+        self.normal_frames = set(gt_info.get("normal_frames", []))
+        self.num, self.den = torch.zeros(3, device=device), torch.zeros(3, device=device)
+        self.lmse: list[float] = []
+        self.ncos: list[float] = []
+
+    def add(self, g_idx: int, gb) -> None:
+        from hravatar.eval.metrics import normal_cosine, scale_invariant_mse
+
+        m = gb.alpha[..., 0] > 0.5
+        if g_idx in self.albedo_frames:
+            ga = self.ds.gt_image("albedo", g_idx)
+            gm = m & (ga.sum(-1) > 0)
+            self.num += (gb.albedo[gm] * ga[gm]).sum(0)
+            self.den += (gb.albedo[gm] ** 2).sum(0)
+            self.lmse.append(scale_invariant_mse(gb.albedo, ga, gm[..., None].float()))
+        if g_idx in self.normal_frames:
+            gn = self.ds.gt_image("normal", g_idx)
+            gm = m & (gn.abs().sum(-1) > 0)
+            self.ncos.append(normal_cosine(gb.normal, gn, gm[..., None].float()))
+
+    def albedo_scale(self):
+        return (self.num / self.den.clamp(min=1e-8)) if self.den.sum() > 0 else None
+
+    def result(self) -> dict:
+        out: dict = {}
+        if self.lmse:
+            out["albedo_lmse"] = float(np.mean(self.lmse))
+            out["albedo_scale"] = [float(x) for x in self.albedo_scale()]
+        if self.ncos:
+            out["normal_cos"] = float(np.mean(self.ncos))
+        return out
+
+
+def _relighting_metrics(avatar, ds, frames, gt_info, lut, cfg, scale, device) -> dict:
+    """PSNR/SSIM of the avatar relit by each ground-truth environment (frames: i -> (params, camera))."""
+    from hravatar.eval.metrics import psnr, ssim
     from hravatar.shading import load_envmap, prefilter_latlong
     from hravatar.train.model import forward_render
 
-    albedo_frames = set(gt_info.get("albedo_frames", []))
-    normal_frames = set(gt_info.get("normal_frames", []))
     relit_frames = set(gt_info.get("relit_frames", []))
-    # per-channel albedo scale: albedo and light are only known up to a factor; align it once
-    # on the true albedo (as relighting benchmarks do) before relighting with a known light
-    num, den = torch.zeros(3, device=device), torch.zeros(3, device=device)
-    lmse, ncos = [], []
-    for i in idx:
-        g_idx = ds.frame_indices[i]
-        gb = render_gbuffers(avatar.deform(frames[i]), ds[i].camera.to(device))
-        m = gb.alpha[..., 0] > 0.5
-        if g_idx in albedo_frames:
-            ga = ds.gt_image("albedo", g_idx)
-            gm = m & (ga.sum(-1) > 0)
-            num += (gb.albedo[gm] * ga[gm]).sum(0)
-            den += (gb.albedo[gm] ** 2).sum(0)
-            lmse.append(scale_invariant_mse(gb.albedo, ga, gm[..., None].float()))
-        if g_idx in normal_frames:
-            gn = ds.gt_image("normal", g_idx)
-            gm = m & (gn.abs().sum(-1) > 0)
-            ncos.append(normal_cosine(gb.normal, gn, gm[..., None].float()))
-    scale = (num / den.clamp(min=1e-8)) if den.sum() > 0 else None
-    out: dict = {}
-    if lmse:
-        out["albedo_lmse"] = float(np.mean(lmse))
-        out["albedo_scale"] = [float(x) for x in scale]
-    if ncos:
-        out["normal_cos"] = float(np.mean(ncos))
     per_env = {}
     for e in gt_info.get("envs", []):
         env = prefilter_latlong(load_envmap(ds.root / "gt" / e["envmap"]).to(device))
         ps, ss = [], []
-        for i in idx:
+        for i, (f, cam) in frames.items():
             g_idx = ds.frame_indices[i]
             if g_idx not in relit_frames:
                 continue
-            r = forward_render(avatar, frames[i], ds[i].camera.to(device), env, lut, response=gt_info.get("camera_response", "srgb"),
+            r = forward_render(avatar, f, cam, env, lut, response=gt_info.get("camera_response", "srgb"),
                                shading=cfg.shading, exposure=float(e.get("exposure", 1.0)), rotation_deg=float(e.get("rotation_deg", 0.0)),
                                albedo_scale=scale)
             gt = ds.gt_image("relit", g_idx, e["name"])
@@ -157,6 +173,7 @@ def _ground_truth_metrics(avatar, ds, idx, frames, gt_info, lut, cfg, device) ->
             ss.append(ssim(r["rgb"].clamp(0, 1), gt))
         if ps:
             per_env[e["name"]] = {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss))}
+    out: dict = {}
     if per_env:
         out["relight"] = per_env
         out["relight_psnr"] = float(np.mean([v["psnr"] for v in per_env.values()]))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,8 @@ from hravatar.avatar.config import AvatarConfig
 from hravatar.avatar.gaussians import PARAM_KEYS, FrameParams, GaussianAvatar
 from hravatar.head.model import NUM_JOINTS
 from hravatar.render.camera import Camera
+
+from hravatar.utils.dataclass_cli import dataclass_from_dict
 
 from .safe import CheckpointError, load_safetensors_checked, read_safetensors_header, save_safetensors_atomic
 
@@ -51,12 +53,6 @@ class AvatarBundle:
     camera: Camera | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
-
-
-def _config_from_dict(d: dict) -> AvatarConfig:
-    names = {f.name for f in fields(AvatarConfig)}
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
-    return AvatarConfig(**kw)
 
 
 #: Large per-Gaussian bases that ``save_checkpoint(..., compact=True)`` stores as float16.
@@ -181,7 +177,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Ava
     if bad:
         raise CheckpointError(f"{path}: non-finite values in '{bad[0]}'")
     try:
-        cfg = _config_from_dict(meta.get("avatar_config", {}))
+        cfg = dataclass_from_dict(AvatarConfig, meta.get("avatar_config", {}))
     except TypeError as e:
         raise CheckpointError(f"{path}: invalid avatar config ({e})") from None
     avatar = GaussianAvatar(params, tensors["avatar.joints"], tensors["avatar.beta"], cfg, expr_names,

@@ -1,7 +1,7 @@
 """Training hyper-parameters (defaults = the paper's; profiles override a few)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 
 from hravatar.avatar.config import AvatarConfig
 
@@ -110,17 +110,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        sub = {"avatar": AvatarConfig, "light": LightConfig, "loss": LossConfig, "lr": LRConfig, "densify": DensifySettings}
-        kw = {}
-        for f in fields(cls):
-            if f.name not in d:
-                continue
-            v = d[f.name]
-            if f.name in sub:
-                names = {x.name for x in fields(sub[f.name])}
-                v = sub[f.name](**{k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items() if k in names})
-            kw[f.name] = v
-        return cls(**kw)
+        from hravatar.utils.dataclass_cli import dataclass_from_dict
+
+        return dataclass_from_dict(cls, d)
 
 
 def profile_config(name: str) -> TrainConfig:
@@ -154,7 +146,3 @@ def profile_config(name: str) -> TrainConfig:
                                     grad_threshold=3e-4, screen_prune_after=1000, max_gaussians=30000),
         )
     raise ValueError(f"unknown profile '{name}' (choose quick or full)")
-
-
-def with_overrides(cfg: TrainConfig, **kw) -> TrainConfig:
-    return replace(cfg, **kw)

@@ -31,7 +31,6 @@ PARAM_GROUPS = {
     "shapedirs": "bases", "exprdirs": "bases", "posedirs": "bases", "eyelid_dirs": "bases",
     "lbs_weights": "lbs_weights",
 }
-DEFORMATION_KEYS = ("shapedirs", "exprdirs", "posedirs", "eyelid_dirs", "lbs_weights")
 
 
 class TrainingStopped(RuntimeError):
@@ -108,8 +107,6 @@ class Trainer:
         self._init_strategy()
         self.iteration = 0
         self._order: list[int] = []
-        self._t0 = time.time()
-        self._it_times: list[float] = []
 
     # ------------------------------------------------------------------ setup
     def _init_lighting(self) -> None:
@@ -183,9 +180,9 @@ class Trainer:
         return {"means": means_lr, "material": mat_lr}
 
     # ------------------------------------------------------------------ model evaluation
-    def frame_params(self, ds, split: str, i: int) -> tuple[FrameParams, dict | None]:
-        """Driving parameters of frame i: pre-tracked, with the encoder's expression/eyelids/jaw."""
-        s = ds[i]
+    def frame_params(self, s, split: str, i: int) -> tuple[FrameParams, dict | None]:
+        """Driving parameters of sample ``s`` (frame i of ``split``): pre-tracked, with the
+        encoder's expression/eyelids/jaw."""
         f = s.params.to(self.device)
         if self.encoder is None:
             return f, None
@@ -237,7 +234,7 @@ class Trainer:
         lrs = self._update_lrs(it)
         i = self._next_index()
         s = self.train_set[i]
-        frame, enc = self.frame_params(self.train_set, "train", i)
+        frame, enc = self.frame_params(s, "train", i)
         cam = s.camera.to(self.device)
         out = self.render(frame, cam, iteration=it)
         gb = out["gb"]
@@ -287,7 +284,7 @@ class Trainer:
         vals = []
         for i in idx:
             s = self.test_set[i]
-            frame, _ = self.frame_params(self.test_set, "test", i)
+            frame, _ = self.frame_params(s, "test", i)
             out = self.render(frame, s.camera.to(self.device))
             vals.append(psnr(out["rgb"].clamp(0, 1), s.image.to(self.device)))
         return {"psnr": float(np.mean(vals)) if vals else float("nan")}
@@ -300,7 +297,7 @@ class Trainer:
 
         s = self.test_set[0] if len(self.test_set) else self.train_set[0]
         split = "test" if len(self.test_set) else "train"
-        frame, _ = self.frame_params(self.test_set if split == "test" else self.train_set, split, 0)
+        frame, _ = self.frame_params(s, split, 0)
         out = self.render(frame, s.camera.to(self.device), iteration=self.iteration)
         img = torch.cat([s.image.to(self.device), out["rgb"].clamp(0, 1)], 1)
         arr = (img.cpu().numpy() * 255 + 0.5).astype(np.uint8)
@@ -309,6 +306,11 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ checkpoints
+    def _modules(self) -> dict[str, nn.Module]:
+        """The trained modules besides the Gaussians, by state-file prefix."""
+        mods = {"light": self.light, "encoder": self.encoder, "deform_mlp": self.deform_mlp}
+        return {k: m for k, m in mods.items() if m is not None}
+
     def bundle(self) -> AvatarBundle:
         """The current avatar as a checkpoint bundle (learned light, encoder, tracked sequence)."""
         extra = {}
@@ -340,14 +342,8 @@ class Trainer:
             for k, v in self.avatar.params.items():
                 t[f"params.{k}"] = v.detach()
             t["global_scale"] = self.avatar.log_global_scale.detach().reshape(1)
-            for k, v in self.light.state_dict().items():
-                t[f"light.{k}"] = v
-            if self.encoder is not None:
-                for k, v in self.encoder.state_dict().items():
-                    t[f"encoder.{k}"] = v
-            if self.deform_mlp is not None:
-                for k, v in self.deform_mlp.state_dict().items():
-                    t[f"deform_mlp.{k}"] = v
+            for prefix, mod in self._modules().items():
+                t.update({f"{prefix}.{k}": v for k, v in mod.state_dict().items()})
             for name, opt in list(self.optimizers.items()) + [(f"x_{k}", o) for k, o in self.extra_optimizers.items()]:
                 ot, om = optimizer_tensors(f"opt.{name}", opt)
                 t.update(ot)
@@ -384,11 +380,8 @@ class Trainer:
             for k in list(self.avatar.params.keys()):
                 self.avatar.params[k] = nn.Parameter(t[f"params.{k}"].to(self.device))
             self.avatar.log_global_scale.copy_(t["global_scale"].reshape(()))
-            self.light.load_state_dict({k[len("light."):]: v for k, v in t.items() if k.startswith("light.")})
-            if self.encoder is not None:
-                self.encoder.load_state_dict({k[len("encoder."):]: v for k, v in t.items() if k.startswith("encoder.")})
-            if self.deform_mlp is not None:
-                self.deform_mlp.load_state_dict({k[len("deform_mlp."):]: v for k, v in t.items() if k.startswith("deform_mlp.")})
+            for prefix, mod in self._modules().items():
+                mod.load_state_dict({k[len(prefix) + 1:]: v for k, v in t.items() if k.startswith(prefix + ".")})
         self._build_optimizers()
         for name, opt in list(self.optimizers.items()) + [(f"x_{k}", o) for k, o in self.extra_optimizers.items()]:
             load_optimizer_tensors(f"opt.{name}", opt, {k: v.to(self.device) for k, v in t.items()}, meta["optimizers"][name])

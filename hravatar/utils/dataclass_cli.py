@@ -1,4 +1,5 @@
-"""Generate argparse options from config dataclasses (one source of truth for defaults)."""
+"""Config dataclass helpers: argparse options generated from them (one source of truth for
+defaults) and reconstruction from their JSON form (as stored in checkpoints)."""
 from __future__ import annotations
 
 import argparse
@@ -50,14 +51,24 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
             group.add_argument(flag, dest=dest, type=conv, default=default, help=f"(default {shown})")
 
 
-def dataclass_from_args(cls: type, ns: argparse.Namespace, prefix: str = ""):
-    """Build ``cls`` from the options added by :func:`add_dataclass_arguments`."""
+def dataclass_from_dict(cls: type, d: dict):
+    """Rebuild dataclass ``cls`` from its ``asdict``/JSON form.
+
+    Nested dataclass fields are rebuilt recursively, JSON lists become tuples, unknown keys are
+    ignored and missing ones keep their defaults (older checkpoints stay readable).
+    """
+    hints = typing.get_type_hints(cls)
     kw = {}
     for f in dataclasses.fields(cls):
-        dest = f"{prefix.replace('-', '_')}{f.name}"
-        if hasattr(ns, dest):
-            v = getattr(ns, dest)
-            kw[f.name] = tuple(v) if isinstance(v, list) else v
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        tp, _ = _base_type(hints[f.name])
+        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            v = dataclass_from_dict(tp, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kw[f.name] = v
     return cls(**kw)
 
 
