@@ -154,3 +154,20 @@ def test_deformation_ablations_train_and_bake_into_checkpoints(tiny_dataset, tmp
         if deformation == "mlp":
             assert offsets["exprdirs"].abs().max() > 0  # the MLP learned something
     assert torch.allclose(b.avatar.deform(f).means, want, atol=1e-6)
+
+
+def test_rigged_to_mesh_ablation_trains_and_evaluates_through_the_mesh(tiny_dataset, tmp_path, monkeypatch):
+    import hravatar.head
+    from hravatar.eval.evaluate import evaluate
+
+    root, head = tiny_dataset
+    tr = Trainer(root, tmp_path / "r", _cfg(12, deformation="mesh"), head=head)
+    before = {k: v.detach().clone() for k, v in tr.avatar.params.items()}
+    tr.run()
+    for k in ("exprdirs", "posedirs", "lbs_weights", "eyelid_dirs"):
+        assert torch.equal(tr.avatar.params[k].detach(), before[k]), k
+    assert not torch.equal(tr.avatar.params["means"].detach(), before["means"])
+    # evaluation rebuilds the rig from the head the dataset names
+    monkeypatch.setattr(hravatar.head, "load_head_model", lambda spec: head)
+    res = evaluate(tmp_path / "r", root, "cpu")
+    assert abs(res["psnr"] - tr.quick_eval(2)["psnr"]) < 1e-3

@@ -196,6 +196,7 @@ ABLATIONS = {
     "no_encoder": {"encoder": False},
     "no_learnable_deformation": {"deformation": "fixed"},
     "shared_mlp_deformation": {"deformation": "mlp"},
+    "rigged_to_mesh": {"deformation": "mesh"},
     "no_pbs": {"shading": "color"},
 }
 

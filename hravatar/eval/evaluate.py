@@ -47,7 +47,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
     from hravatar.data import HeadVideoDataset
     from hravatar.eval.metrics import error_strip, lpips_or_none, mae100, psnr, ssim
     from hravatar.shading import LearnedLighting, load_brdf_lut
-    from hravatar.train.model import encoded_frame, face_crop_boxes, forward_render
+    from hravatar.train.model import encoded_frame, face_crop_boxes, forward_render, mesh_rig_for
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bundle = load_checkpoint(resolve_checkpoint(checkpoint), device)
@@ -68,6 +68,10 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
     lut = load_brdf_lut(device)
     enc = _encoder_from_bundle(bundle, cfg, device)
     boxes = face_crop_boxes(ds, device) if enc is not None else None
+    rig = None
+    if cfg.deformation == "mesh":
+        rig = mesh_rig_for(avatar, bundle.meta.get("data", {}).get("head", avatar.head_identity),
+                           {k[4:]: v for k, v in bundle.extra.items() if k.startswith("rig.")}, device)
 
     gt_info = ds.gt_info
     intrinsics = _IntrinsicErrors(ds, gt_info, device) if gt_info else None
@@ -80,7 +84,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
             f, _ = encoded_frame(enc, f, s.image.to(device), boxes[i], cfg.encoder_res)
         cam = s.camera.to(device)
         frames[i] = (f, cam)
-        out = forward_render(avatar, f, cam, learned_env, lut, response=cfg.camera_response, shading=cfg.shading)
+        out = forward_render(avatar, f, cam, learned_env, lut, response=cfg.camera_response, shading=cfg.shading, rig=rig)
         pred, gt = out["rgb"].clamp(0, 1), s.image.to(device)
         scores["psnr"].append(psnr(pred, gt))
         scores["ssim"].append(ssim(pred, gt))
@@ -104,7 +108,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
         error_strip(gt, pr, strip_path)
     if intrinsics is not None:
         res.update(intrinsics.result())
-        res.update(_relighting_metrics(avatar, ds, frames, gt_info, lut, cfg, intrinsics.albedo_scale(), device))
+        res.update(_relighting_metrics(avatar, ds, frames, gt_info, lut, cfg, intrinsics.albedo_scale(), device, rig))
     return res
 
 
@@ -150,7 +154,7 @@ class _IntrinsicErrors:
         return out
 
 
-def _relighting_metrics(avatar, ds, frames, gt_info, lut, cfg, scale, device) -> dict:
+def _relighting_metrics(avatar, ds, frames, gt_info, lut, cfg, scale, device, rig=None) -> dict:
     """PSNR/SSIM of the avatar relit by each ground-truth environment (frames: i -> (params, camera))."""
     from hravatar.eval.metrics import psnr, ssim
     from hravatar.shading import load_envmap, prefilter_latlong
@@ -167,7 +171,7 @@ def _relighting_metrics(avatar, ds, frames, gt_info, lut, cfg, scale, device) ->
                 continue
             r = forward_render(avatar, f, cam, env, lut, response=gt_info.get("camera_response", "srgb"),
                                shading=cfg.shading, exposure=float(e.get("exposure", 1.0)), rotation_deg=float(e.get("rotation_deg", 0.0)),
-                               albedo_scale=scale)
+                               albedo_scale=scale, rig=rig)
             gt = ds.gt_image("relit", g_idx, e["name"])
             ps.append(psnr(r["rgb"].clamp(0, 1), gt))
             ss.append(ssim(r["rgb"].clamp(0, 1), gt))

@@ -30,6 +30,7 @@ class LossConfig:
     albedo: float = 0.25  # only when the dataset has pseudo-albedo maps
     albedo_every: int = 3
     rough_tv: float = 0.02
+    albedo_smooth: float = 0.0  # extra (not in the method): edge-aware albedo smoothness, see losses.edge_aware_smoothness
     alpha_mask: float = 0.0  # optional extra: L1 between rendered alpha and the foreground mask
 
 
@@ -74,8 +75,9 @@ class TrainConfig:
     Ablation switches (the method's table): ``deformation`` "learnable" (full), "fixed" (bases
     and LBS weights frozen at their mesh initialisation: no learnable deformation), "mlp" (one
     shared MLP of the canonical position predicts basis/weight offsets instead of free
-    per-Gaussian values); ``encoder`` False (pre-tracked expressions); ``shading`` "pbr" or
-    "color" (plain colour per Gaussian). The "rigged to mesh" row is not implemented yet.
+    per-Gaussian values), "mesh" (rigged to mesh: each Gaussian follows its triangle of the
+    posed head mesh, see :mod:`hravatar.avatar.mesh_rig`); ``encoder`` False (pre-tracked
+    expressions); ``shading`` "pbr" or "color" (plain colour per Gaussian).
     """
 
     profile: str = "full"

@@ -65,6 +65,33 @@ def total_variation(img: Tensor, mask: Tensor | None = None) -> Tensor:
     return dx.mean() + dy.mean()
 
 
+def edge_aware_smoothness(img: Tensor, guide: Tensor, mask: Tensor, chroma_k: float = 50.0, lum_k: float = 5.0) -> Tensor:
+    """Retinex-style prior: L1 differences of neighbouring pixels of ``img`` [H, W, C], weighted
+    by exp(-chroma_k |d chromaticity| - lum_k |d log luminance|) of ``guide`` [H, W, 3] (the
+    photograph), over pixel pairs inside ``mask`` [H, W, 1].
+
+    Shading changes smoothly across a surface while reflectance changes at edges of the image's
+    colour, so where the photograph is smooth the albedo should be too. This ties albedo seen
+    under little light (e.g. the crown under a setting sun) to the same material seen better lit,
+    which a single capture environment cannot otherwise separate from dim light.
+    """
+    g = guide.detach().clamp(min=1e-4)
+    lum = g.sum(-1, keepdim=True)
+    chroma = g / lum
+    loglum = lum.log()
+    m = mask[..., 0] > 0.5
+    num = img.new_zeros(())
+    den = 0
+    for sl_a, sl_b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+                       ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
+        w = torch.exp(-chroma_k * (chroma[sl_a] - chroma[sl_b]).abs().sum(-1) - lum_k * (loglum[sl_a] - loglum[sl_b]).abs()[..., 0])
+        pair = m[sl_a] & m[sl_b]
+        d = (img[sl_a] - img[sl_b]).abs().mean(-1)
+        num = num + (w * d)[pair].sum()
+        den += int(pair.sum())
+    return num / max(den, 1)
+
+
 def jaw_loss(jaw_pred: Tensor, jaw_tracked: Tensor) -> Tensor:
     """Squared distance between encoder jaw pose [B,3] and the pre-tracked jaw pose [B,3]."""
     return ((jaw_pred - jaw_tracked) ** 2).sum(-1).mean()

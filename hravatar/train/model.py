@@ -23,7 +23,7 @@ def camera_response(rgb: Tensor, kind: str) -> Tensor:
 def forward_render(avatar: GaussianAvatar, frame: FrameParams, camera: Camera, env, brdf_lut: Tensor, *,
                    response: str = "none", shading: str = "pbr", albedo_only: bool = False,
                    exposure: float = 1.0, rotation_deg: float = 0.0, albedo_scale: Tensor | None = None,
-                   basis_offsets: dict | None = None) -> dict:
+                   basis_offsets: dict | None = None, rig=None) -> dict:
     """Render pixel values of one frame over black.
 
     Args:
@@ -35,10 +35,11 @@ def forward_render(avatar: GaussianAvatar, frame: FrameParams, camera: Camera, e
         exposure: radiance multiplier before the response (relighting with HDR maps).
         albedo_scale: optional [3] per-channel albedo factor (scale alignment for relighting).
         basis_offsets: optional per-Gaussian basis offsets (shared-MLP deformation ablation).
+        rig: optional :class:`hravatar.avatar.mesh_rig.MeshRig` (rigged-to-mesh ablation).
     Returns:
         {"rgb": [H,W,3] over black, "gb": GBuffers}.
     """
-    g = avatar.deform(frame, basis_offsets)
+    g = rig.deform(avatar, frame) if rig is not None else avatar.deform(frame, basis_offsets)
     gb = render_gbuffers(g, camera)
     if albedo_scale is not None:
         gb.albedo = gb.albedo * albedo_scale
@@ -50,6 +51,22 @@ def forward_render(avatar: GaussianAvatar, frame: FrameParams, camera: Camera, e
         sh = shade_gbuffers(gb, camera, env, brdf_lut, rotation_deg=rotation_deg)
         rgb = camera_response(sh["shaded"] * exposure, response)
     return {"rgb": rgb * gb.alpha, "gb": gb}
+
+
+def mesh_rig_for(avatar: GaussianAvatar, head_identity: str, state: dict | None = None, device=None):
+    """The :class:`MeshRig` of a rigged-to-mesh avatar, from the head model the dataset names
+    (``state``: the rig's saved tensors, i.e. its Gaussian-to-triangle binding)."""
+    from hravatar.avatar.mesh_rig import MeshRig
+    from hravatar.head import load_head_model
+    from hravatar.train.trainer import head_spec_from_identity
+
+    head = load_head_model(head_spec_from_identity(head_identity))
+    if head.identity() != avatar.head_identity and head_identity != avatar.head_identity:
+        raise ValueError(f"the avatar was rigged to head '{avatar.head_identity}', which cannot be loaded here (got '{head.identity()}')")
+    rig = MeshRig(head, avatar.beta.cpu())
+    if state:
+        rig.load_state_dict(state, strict=False)
+    return rig.to(device or avatar.device)
 
 
 def face_crop_boxes(ds, device) -> Tensor:

@@ -21,7 +21,7 @@ from hravatar.render.camera import Camera
 from .config import TrainConfig
 from .events import EventBus
 from .model import encoded_frame, face_crop_boxes, forward_render
-from .losses import jaw_loss, normal_consistency_loss, normals_from_depth, photometric_loss, total_variation
+from .losses import edge_aware_smoothness, jaw_loss, normal_consistency_loss, normals_from_depth, photometric_loss, total_variation
 from .state import load_optimizer_tensors, load_train_state, optimizer_tensors, save_train_state
 
 #: Which learning-rate group each per-Gaussian parameter belongs to.
@@ -94,12 +94,17 @@ class Trainer:
         self._init_lighting()
         self._init_encoder()
         self.deform_mlp = None
-        if config.deformation == "mlp":
+        self.rig = None
+        if config.deformation == "mesh":
+            from hravatar.avatar.mesh_rig import MeshRig
+
+            self.rig = MeshRig(head, self.avatar.beta.cpu()).to(self.device)
+        elif config.deformation == "mlp":
             from hravatar.avatar.mlp_deform import SharedDeformMLP
 
             self.deform_mlp = SharedDeformMLP(self.avatar.num_expr).to(self.device)
         elif config.deformation not in ("learnable", "fixed"):
-            raise ValueError(f"unknown deformation '{config.deformation}' (learnable, fixed or mlp)")
+            raise ValueError(f"unknown deformation '{config.deformation}' (learnable, fixed, mlp or mesh)")
         from hravatar.shading import load_brdf_lut
 
         self.brdf_lut = load_brdf_lut(self.device)
@@ -193,7 +198,8 @@ class Trainer:
         warm = iteration is not None and iteration < self.cfg.albedo_warmup
         offsets = self.deform_mlp(self.avatar.params["means"]) if self.deform_mlp is not None else None
         return forward_render(self.avatar, frame, camera, env if env is not None else self.light.environment(), self.brdf_lut,
-                              response=self.cfg.camera_response, shading=self.cfg.shading, albedo_only=warm, basis_offsets=offsets)
+                              response=self.cfg.camera_response, shading=self.cfg.shading, albedo_only=warm, basis_offsets=offsets,
+                              rig=self.rig)
 
     # ------------------------------------------------------------------ training
     def _next_index(self) -> int:
@@ -255,6 +261,10 @@ class Trainer:
             tv = total_variation(gb.roughness, s.mask.to(self.device))
             loss = loss + cfg.loss.rough_tv * tv
             logs["rough_tv"] = tv.detach()
+        if cfg.loss.albedo_smooth > 0 and cfg.shading == "pbr":
+            las = edge_aware_smoothness(gb.albedo, gt, s.mask.to(self.device))
+            loss = loss + cfg.loss.albedo_smooth * las
+            logs["albedo_smooth"] = las.detach()
         if cfg.loss.albedo > 0 and s.albedo is not None and it % cfg.loss.albedo_every == 0:
             la = ((gb.albedo - s.albedo.to(self.device)).abs() * s.mask.to(self.device)).mean()
             loss = loss + cfg.loss.albedo * la
@@ -308,7 +318,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _modules(self) -> dict[str, nn.Module]:
         """The trained modules besides the Gaussians, by state-file prefix."""
-        mods = {"light": self.light, "encoder": self.encoder, "deform_mlp": self.deform_mlp}
+        mods = {"light": self.light, "encoder": self.encoder, "deform_mlp": self.deform_mlp, "rig": self.rig}
         return {k: m for k, m in mods.items() if m is not None}
 
     def bundle(self) -> AvatarBundle:
@@ -316,6 +326,8 @@ class Trainer:
         extra = {}
         if self.encoder is not None:
             extra = {f"encoder.{k}": v.detach() for k, v in self.encoder.state_dict().items()}
+        if self.rig is not None:
+            extra["rig.binding"] = self.rig.binding.detach()
         ts = self.train_set
         seq = ts.frame_params(list(range(len(ts))))
         cam = ts[0].camera
