@@ -1,32 +1,14 @@
 #!/usr/bin/env python3
-"""Open hravatar on an avatar (the bundled demo avatar by default).
+"""Open the hravatar desktop app: ``python launch.py [CHECKPOINT]`` (the bundled demo avatar by default).
 
-Until the desktop viewer lands (issue 4) this renders the avatar under a built-in studio
-environment and writes a PNG, printing its path.
+``python launch.py --help`` lists the options (headless smoke test, benchmark, ...).
 """
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("checkpoint", nargs="?", default=None, help="avatar checkpoint (default: bundled demo avatar)")
-    p.add_argument("--out", default=str(ROOT / "out" / "demo.png"), help="where to write the preview image")
-    p.add_argument("--envmap", default=None, help="builtin:NAME, learned, or an .hdr/.exr file (default: the avatar's learned light)")
-    p.add_argument("--res", type=int, default=512)
-    a = p.parse_args(argv)
-    from hravatar.cli.main import main as cli
-
-    args = ["render"] + ([a.checkpoint] if a.checkpoint else []) + ["--out", a.out, "--res", str(a.res)]
-    if a.envmap:
-        args += ["--envmap", a.envmap]
-    return cli(args)
-
+from app.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

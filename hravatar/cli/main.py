@@ -169,6 +169,9 @@ def cmd_synth(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
+    import signal
+    import threading
+
     from hravatar.train.events import JsonlLog, RichProgress, TensorBoardLog
     from hravatar.train.trainer import Trainer, TrainingStopped
 
@@ -182,13 +185,47 @@ def cmd_train(a: argparse.Namespace) -> None:
         trainer.bus.subscribe(TensorBoardLog(Path(a.out) / "tb"))
     except ImportError:
         pass  # TensorBoard is optional; events.jsonl always has everything
+
+    # A clean stop (checkpoint, then exit 0) is requested by the stop file or by SIGINT/SIGTERM;
+    # the trainer checks it before every iteration (a stat per iteration is negligible).
+    stop_file = Path(a.stop_file) if a.stop_file else None
+    signalled: list[int] = []  # mutated by the signal handler
+    started: list[bool] = []  # the main loop has begun (before that there is nothing to save)
+    trainer.bus.subscribe(lambda ev: ev["kind"] == "start" and started.append(True))
+
+    def on_signal(signum, _frame) -> None:
+        if not started or signalled:  # still setting up, or asked twice: abort at once
+            raise KeyboardInterrupt
+        signalled.append(signum)
+        print(f"hravatar: stopping after this iteration (signal {signum}); signal again to abort", file=sys.stderr)
+
+    def stop_requested() -> bool:
+        return bool(signalled) or (stop_file is not None and stop_file.exists())
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers only work there
+        for s in (signal.SIGINT, signal.SIGTERM):
+            handlers[s] = signal.signal(s, on_signal)
     try:
-        path = trainer.run(resume=a.resume)
+        path = trainer.run(resume=a.resume, stop_flag=stop_requested)
     except TrainingStopped as e:
         raise CliError(str(e)) from None
+    except KeyboardInterrupt:
+        raise CliError(f"interrupted; the last checkpoint in {a.out} (if any) is kept") from None
     finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
         log.close()
-    print(f"wrote {path}")
+    if path is None:
+        if stop_file is not None:
+            stop_file.unlink(missing_ok=True)
+        print("stopped during the encoder pre-training; nothing was saved yet (start again)")
+    elif trainer.iteration < trainer.total:
+        if stop_file is not None and stop_file.exists():
+            stop_file.unlink(missing_ok=True)  # honoured: a later run must not stop at once
+        print(f"stopped at iteration {trainer.iteration}/{trainer.total}; wrote {path} (continue with --resume)")
+    else:
+        print(f"wrote {path}")
 
 
 ABLATIONS = {
@@ -333,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run folder (checkpoints, events.jsonl, previews)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress display")
+    t.add_argument("--stop-file", default=None, metavar="PATH",
+                   help="stop cleanly (checkpoint, exit 0) once this file exists; SIGINT/SIGTERM do the same")
     train_options(t)
     t.set_defaults(func=cmd_train)
 

@@ -208,15 +208,18 @@ class Trainer:
             self._order = torch.randperm(len(self.train_set), generator=g).tolist()
         return self._order.pop()
 
-    def pretrain_encoder(self) -> None:
-        """Regress the encoder onto the pre-tracked expression/eyelids/jaw (no SMIRK weights)."""
+    def pretrain_encoder(self, stop_flag=None) -> bool:
+        """Regress the encoder onto the pre-tracked expression/eyelids/jaw (no SMIRK weights).
+        Returns False when ``stop_flag()`` interrupted it (nothing is saved: it is cheap to redo)."""
         if self.encoder is None or self.cfg.encoder_pretrain_iters <= 0:
-            return
+            return True
         opt = torch.optim.Adam(self.encoder.parameters(), lr=1e-4)
         from hravatar.encoder.crop import crop_and_resize
 
         n = len(self.train_set)
         for it in range(self.cfg.encoder_pretrain_iters):
+            if stop_flag is not None and stop_flag():
+                return False
             idx = [random.randrange(n) for _ in range(4)]
             imgs = torch.stack([self.train_set[i].image for i in idx]).to(self.device).permute(0, 3, 1, 2)
             crops = crop_and_resize(imgs, self.crop_boxes["train"][idx], out=self.cfg.encoder_res)
@@ -233,6 +236,7 @@ class Trainer:
         # end-to-end training sees one image at a time: keep the batch statistics learned here
         self.encoder.config.freeze_bn = True
         self.encoder.train()
+        return True
 
     def train_step(self) -> dict[str, float]:
         it = self.iteration
@@ -338,7 +342,7 @@ class Trainer:
         return AvatarBundle(
             avatar, {k: v.detach() for k, v in self.light.state_dict().items()}, asdict(self.cfg.light), seq, cam, extra,
             {"data": {"root": str(self.data_root), "frames": len(ts) + len(self.test_set), "train": len(ts),
-                      "test": len(self.test_set), "head": ts.meta.head},
+                      "test": len(self.test_set), "head": ts.meta.head, "fps": ts.meta.fps},
              "train": {"iteration": self.iteration, "total": self.total, "profile": self.cfg.profile},
              "train_config": self.cfg.to_dict()},
         )
@@ -407,12 +411,15 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ main loop
-    def run(self, resume: bool = False, stop_flag=None) -> Path:
-        """Train to the end (or until ``stop_flag()`` is true); returns the checkpoint path."""
+    def run(self, resume: bool = False, stop_flag=None) -> Path | None:
+        """Train to the end (or until ``stop_flag()`` is true); returns the checkpoint path
+        (None when stopped during the encoder pre-training, before anything was saved)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.resume() if resume else False
         if not resumed and self.iteration == 0 and not self.cfg.encoder_weights:
-            self.pretrain_encoder()
+            if not self.pretrain_encoder(stop_flag):
+                self.bus.emit("stopped", 0, path="")
+                return None
         elif self.encoder is not None:
             self.encoder.config.freeze_bn = True
             self.encoder.train()
