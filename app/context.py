@@ -109,6 +109,7 @@ class AppContext:
         self._export_renderer = FrameRenderer()
         self._broken_callbacks: set[int] = set()
         self.last_frame_source = ""
+        self._frame_seq = 0  # frames set so far (any source): panels that mirror the frame poll frame_state()
         self.wake: Callable[[], None] = lambda: None  # set by the shell: ends an idle wait of the UI loop
 
     # ------------------------------------------------------------------ the contract
@@ -127,8 +128,16 @@ class AppContext:
             self.viewer.set_frame(frame)
         except ValueError as e:
             self.notify(f"{source}: {e}", "error")
-        self.last_frame_source = source
+            return
+        with self._lock:
+            self._frame_seq += 1
+            self.last_frame_source = source
         self.wake()
+
+    def frame_state(self) -> tuple[int, str]:
+        """(frames set so far, the newest one's ``source``): lets a panel notice frames set by others."""
+        with self._lock:
+            return self._frame_seq, self.last_frame_source
 
     def open_checkpoint(self, path: str | Path | None, wait: bool = False) -> None:
         """Load another avatar in the background (None = the demo avatar); applied on the UI thread.
@@ -194,6 +203,9 @@ class AppContext:
                 self.notify(f"Cannot open {label}: {err}", "error")
                 continue
             self.viewer.set_bundle(bundle, renderer)
+            with self._lock:  # the new avatar starts from its neutral frame
+                self._frame_seq += 1
+                self.last_frame_source = "open"
             self.notify(f"Opened {label} ({bundle.avatar.num_gaussians:,} Gaussians)")
             for fn in list(self._bundle_callbacks):
                 self._call(fn, bundle)

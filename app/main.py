@@ -3,6 +3,7 @@
 Headless modes (run them under ``xvfb-run`` on a machine without a display):
 
     python launch.py --screenshot out.png --frames 30 [--tab lighting]   # smoke test + screenshot
+    python launch.py --screenshot out.png --tab train --train-run RUN_DIR # ... with the Train tab on a run
     python launch.py --bench-frames 200 --bench-json bench.json         # displayed FPS while dragging a slider
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -29,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", default="1440x900", help="window size WxH")
     p.add_argument("--max-fps", type=float, default=60.0, help="cap of the UI loop while something changes")
     p.add_argument("--tab", choices=TAB_KEYS, default="view", help="side-bar tab shown at start (and in --screenshot)")
+    p.add_argument("--train-run", default=None, metavar="DIR",
+                   help="Train tab: follow this run folder (plots, previews; re-attaches to a run still training)")
     p.add_argument("--screenshot", default=None, metavar="PNG", help="smoke test: exercise the app, write a screenshot, exit")
     p.add_argument("--frames", type=int, default=30, help="viewport frames to render in --screenshot mode")
     p.add_argument("--bench-frames", type=int, default=0, metavar="N", help="measure displayed FPS over N frames while a slider moves")
@@ -75,12 +79,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hravatar: {e}", file=sys.stderr)
         return 1
     app.build()
+    if args.train_run:
+        show_train_run(app, args.train_run)
     script = None
     if args.bench_frames:
         script = bench_script(app, args.bench_frames, args.bench_slider, args.bench_json)
     elif args.screenshot:
-        script = smoke_script(app, Path(args.screenshot), args.frames, args.tab)
+        script = smoke_script(app, Path(args.screenshot), args.frames, args.tab, args.train_run)
     return app.run(script, timeout_s=args.timeout)
+
+
+def show_train_run(app, run_dir: str) -> None:
+    """Point the Train tab at a run folder (one-line message when that is not possible)."""
+    train = app.panels.get("train")
+    if train is None:
+        app.ctx.notify("--train-run: the Train tab is not available", "warning")
+    else:
+        train.show_run(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------- scripts
@@ -97,6 +112,15 @@ def _env_ready(app):
     def cond() -> bool:
         """the environment loads to finish"""
         return not app.library.busy and app.library.pending is None
+    return cond
+
+
+def _new_frames(app, n: int):
+    target = app.shown_seq + n
+
+    def cond() -> bool:
+        """new viewport frames to be shown"""
+        return app.shown_seq >= target
     return cond
 
 
@@ -126,7 +150,7 @@ def _sky(h: int = 32):
     return img
 
 
-def smoke_script(app, out: Path, frames: int, tab: str):
+def smoke_script(app, out: Path, frames: int, tab: str, train_run: str | None = None):
     """Exercise the app like a user (channels, lighting, materials, camera, drop, output, every panel) and screenshot it."""
     from hravatar.shading import write_hdr
 
@@ -225,6 +249,7 @@ def smoke_script(app, out: Path, frames: int, tab: str):
     _check(app.recorder.state == "idle" and (tmp / "clip.mp4").stat().st_size > 0, f"recording failed: {app.recorder.error}")
     step(f"saved PNG and a {app.recorder.frames}-frame MP4")
     # every panel's own self-test
+    original = v.bundle
     for key, panel in list(app.panels.items()):
         app.select_tab(key)
         yield _frames(app, 2)
@@ -246,24 +271,41 @@ def smoke_script(app, out: Path, frames: int, tab: str):
         yield enough
         v.set_auto_rotate(False)
         v.set_rotation(rot)
-    # a panel's self-test may open another avatar (e.g. the result of a short training run) a little
-    # later: wait until the avatar shown stays the same for a few seconds, restoring the original one
-    original = v.bundle
-    quiet_since = time.perf_counter()
-    t_give_up = quiet_since + 120.0
-    while time.perf_counter() - quiet_since < 4.0 and time.perf_counter() < t_give_up:
-        yield _frames(app, 5)
-        if app.ctx.loading_checkpoint:
-            quiet_since = time.perf_counter()
-        elif v.bundle is not original:
-            step("a panel self-test opened another avatar; reopening the original one for the screenshot")
-            app.ctx.open_checkpoint(app.opts.checkpoint, wait=True)
-            yield _frames(app, 2)
-            original = v.bundle
-            quiet_since = time.perf_counter()
-    stage_for_screenshot(app, tab, exrs)
+    # closing while a training run is active asks first (the train self-test's run may still be stopping)
+    train = app.panels.get("train")
+    if train is not None and getattr(train, "training_active", False):
+        app.request_exit()
+        yield _frames(app, 2)
+        _check(dpg.is_item_shown("dlg_exit") and app.exit_flow.asking, "no exit question while training runs")
+        app.answer_exit("cancel")
+        yield _frames(app, 2)
+        _check(not dpg.is_item_shown("dlg_exit") and dpg.is_dearpygui_running(), "Cancel did not keep the app open")
+        step("exit question shown while training runs; Cancel keeps the app open")
+
+        def train_over() -> bool:
+            """the train self-test's run to end"""
+            return not train.training_active
+        yield train_over
+    # the self-tests must leave the avatar the app opened (the train tab does not open its tiny test result)
+    yield _frames(app, 5)
+    if app.ctx.loading_checkpoint or v.bundle is not original:
+        step("warning: a panel self-test opened another avatar; reopening the original one for the screenshot")
+        app.ctx.open_checkpoint(app.opts.checkpoint, wait=True)
+        yield _frames(app, 2)
+    stage_for_screenshot(app, tab, exrs, train_run)
+    if tab == "webcam" and app.panels.get("webcam") is not None:
+        ctl = app.panels["webcam"].ctl
+
+        def driving() -> bool:
+            """the webcam demo to drive the avatar"""
+            return ctl.driven >= 6 or not ctl.running
+        yield driving
+        step(f"webcam demo: {ctl.driven} frames drove the avatar ({ctl.message})")
     yield _env_ready(app)
-    yield _rendered(app)
+    if tab == "webcam":
+        yield _new_frames(app, 2)  # the webcam keeps changing the frame: the viewport is never "up to date"
+    else:
+        yield _rendered(app)
     yield _frames(app, 10)  # let the tab bar and the layout settle
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
@@ -282,11 +324,12 @@ def smoke_script(app, out: Path, frames: int, tab: str):
     if not written():  # fall back to the viewport image alone
         app.save_png(out)
     _check(written(), "screenshot not written")
+    shutil.rmtree(tmp, ignore_errors=True)  # the generated maps, PNG and MP4 were only for the test
     step(f"{app.fps.total} viewport frames shown; screenshot {out}")
     return 0
 
 
-def stage_for_screenshot(app, tab: str, exrs: list) -> None:
+def stage_for_screenshot(app, tab: str, exrs: list, train_run: str | None = None) -> None:
     """Put the app into a state that shows what the chosen tab does (for the docs screenshots)."""
     v, lib = app.viewer, app.library
     app.select_tab(tab)
@@ -314,6 +357,18 @@ def stage_for_screenshot(app, tab: str, exrs: list) -> None:
         v.set_compare(True, 0.5)
     else:
         lib.select(lib.default_key())
+        if tab == "puppet" and app.panels.get("puppet") is not None:
+            puppet = app.panels["puppet"]  # a friendly expression, set through the sliders' own action
+            puppet.reset()
+            for name, value in (("mouthSmile_L", 0.45), ("mouthSmile_R", 0.45), ("browInnerUp", 0.25),
+                                ("jaw open", 0.04), ("head yaw", 0.22), ("head pitch", -0.04), ("eyes yaw", -0.12)):
+                puppet.set_slider(name, value)
+        elif tab == "webcam" and app.panels.get("webcam") is not None:
+            webcam = app.panels["webcam"]
+            if not webcam.start_demo():
+                app.ctx.notify(f"webcam demo: {webcam.ctl.message}", "warning")
+        elif tab == "train" and train_run:
+            show_train_run(app, train_run)  # the self-test replaced the run shown
         view = app.panels.get("view")
         save = view.save_view if view is not None else v.orbit.save_view
         v.orbit.orbit(-18.0, 4.0)

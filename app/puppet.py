@@ -417,6 +417,12 @@ class PuppetController:
         self.space.randomize(generator, amount)
         return self._changed()
 
+    def follow(self, frame: FrameParams) -> None:
+        """Show ``frame`` (set by another source) on the sliders without taking over the driving:
+        playback is left alone and nothing is returned to show."""
+        self.space.set_values(self.space.from_frame(frame))
+        self.version += 1
+
     def capture(self, frame: FrameParams) -> FrameParams:
         """Take the sliders from a frame (e.g. the one the webcam is showing)."""
         self._stop_playback()
@@ -492,3 +498,50 @@ class PuppetController:
             self.space.set_values(self.timeline.evaluate(t))
             return self._changed()
         return None
+
+
+class FrameFollower:
+    """When the Puppet sliders should take over a frame that something else showed (webcam
+    driving, another panel, a script): throttled, and never while the user works a slider.
+
+    Args:
+        own_source: the ``source`` name the Puppet tab passes to ``ctx.set_frame`` (its own frames are skipped).
+        interval_s: at most one update per interval (the sliders need not follow at render rate).
+        hold_s: after the user's last slider change, wait this long before following again.
+        clock: monotonic seconds (tests inject a fake).
+    """
+
+    def __init__(self, own_source: str = "puppet", interval_s: float = 0.25, hold_s: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.own_source = own_source
+        self.interval_s = float(interval_s)
+        self.hold_s = float(hold_s)
+        self.clock = clock
+        self._seen = None  # the frame counter last dealt with
+        self._last_sync = -float("inf")
+        self._last_user = -float("inf")
+
+    def user_changed(self) -> None:
+        """The user just moved a slider (the frame shown is the panel's own)."""
+        self._last_user = self.clock()
+
+    def should_follow(self, frame_seq: int, source: str, user_active: bool | Callable[[], bool] = False) -> bool:
+        """True when the sliders should now be updated to the frame shown.
+
+        ``frame_seq`` counts the frames set so far (any source), ``source`` is the newest one's
+        source, ``user_active`` says a slider is being worked right now (a callable is only
+        called when everything else says yes).
+        """
+        if frame_seq == self._seen:
+            return False
+        if source == self.own_source:
+            self._seen = frame_seq  # the sliders already show it
+            return False
+        now = self.clock()
+        if now - self._last_user < self.hold_s or now - self._last_sync < self.interval_s:
+            return False  # later: the newest frame is picked up then
+        if user_active() if callable(user_active) else user_active:
+            return False
+        self._seen = frame_seq
+        self._last_sync = now
+        return True

@@ -718,9 +718,12 @@ def draw_preview(image: np.ndarray, result: DriveResult | None, width: int, heig
     canvas[oy:oy + h, ox:ox + w] = thumb
     if result is not None and result.landmarks is not None:
         pts = result.landmarks[::3, :2] * s + (ox, oy)
-        xs, ys = pts[:, 0].astype(int), pts[:, 1].astype(int)
-        ok = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
-        canvas[ys[ok], xs[ok]] = (90, 200, 255)
+        dot = 2 if min(width, height) >= 240 else 1  # 2x2 dots stay visible in a large thumbnail
+        for dx in range(dot):
+            for dy in range(dot):
+                xs, ys = pts[:, 0].astype(int) + dx, pts[:, 1].astype(int) + dy
+                ok = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+                canvas[ys[ok], xs[ok]] = (90, 200, 255)
     if result is not None and result.box is not None:
         cx, cy, size = (float(v) for v in result.box)
         x0, x1 = int((cx - size / 2) * s + ox), int((cx + size / 2) * s + ox)

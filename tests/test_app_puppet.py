@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.puppet import ParameterSpace, PuppetController, SequencePlayer, arkit_stem
+from app.puppet import FrameFollower, ParameterSpace, PuppetController, SequencePlayer, arkit_stem
 from hravatar.api import untrained_avatar
 from hravatar.avatar.gaussians import FrameParams
 from hravatar.head.builtin import EXPR_NAMES
@@ -212,6 +212,47 @@ def test_controller_sequence_and_timeline(bundle):
     assert c.timeline.evaluate(2.0)[c.space.index("mouthSmile_L")] == 1.0
 
 
+# ----------------------------------------------------------------------------- following other sources
+def test_follower_throttles_skips_own_frames_and_never_fights_the_user():
+    clock = FakeClock()
+    f = FrameFollower("puppet", interval_s=0.25, hold_s=0.5, clock=clock)
+    assert f.should_follow(1, "webcam")  # a frame set by someone else: follow
+    assert not f.should_follow(1, "webcam")  # nothing new
+    assert not f.should_follow(2, "webcam")  # new, but within 0.25 s of the last update
+    clock.t += 0.3
+    assert f.should_follow(5, "webcam")  # the newest frame is picked up later
+    clock.t += 1.0
+    assert not f.should_follow(6, "puppet")  # the panel's own frame: the sliders show it already
+    assert not f.should_follow(6, "webcam")  # ... and it counts as seen
+    f.user_changed()  # the user moves a slider while the webcam drives
+    clock.t += 0.3
+    assert not f.should_follow(7, "webcam")  # hold after the user's last change
+    asked = []
+    clock.t += 0.3
+    assert not f.should_follow(8, "webcam", lambda: asked.append(1) or True)  # a slider is held right now
+    assert asked == [1]
+    assert not f.should_follow(8, "webcam", lambda: asked.append(2) or True)  # asked only when all else says yes
+    assert asked == [1, 2]
+    assert f.should_follow(8, "webcam", lambda: False)  # released: follow
+    assert not f.should_follow(8, "webcam", lambda: asked.append(3) or False) and asked == [1, 2]
+
+
+def test_controller_follow_keeps_playback_and_round_trips(bundle):
+    clock = FakeClock()
+    c = PuppetController(bundle, clock=clock)
+    c.play_sequence(True)
+    v0 = c.version
+    seq = bundle.sequence
+    frame = FrameParams(seq.expr[3:4], seq.pose[3:4], seq.eyelids[3:4], seq.transl[3:4])
+    assert c.follow(frame) is None
+    assert c.version == v0 + 1 and c.mode == "sequence"  # widgets re-sync; the playback is left alone
+    back = c.space.to_frame()
+    assert torch.allclose(back.expr, frame.expr) and torch.allclose(back.pose[:, :3], frame.pose[:, :3])
+    assert torch.allclose(back.eyelids, frame.eyelids)
+    eyes = 0.5 * (frame.pose[:, 3] + frame.pose[:, 4])  # one gaze slider for both eyes
+    assert torch.allclose(back.pose[:, 3, :2], eyes[:, :2]) and torch.allclose(back.pose[:, 4, :2], eyes[:, :2])
+
+
 # ----------------------------------------------------------------------------- panel (no viewport)
 class FakeContext:
     def __init__(self, bundle) -> None:
@@ -276,6 +317,70 @@ def test_panel_builds_and_selftests(bundle, tmp_path):
         ctx.bundle = untrained_avatar(num_gaussians=300)  # the shell opened another avatar
         ctx.callbacks[0](0.03)
         assert panel.ctl.player is None and len(panel.ctl.timeline) == 2
+        panel.close()
+    finally:
+        dpg.destroy_context()
+
+
+class CountingContext(FakeContext):
+    """FakeContext with AppContext.frame_state(): (frames set so far, newest source)."""
+
+    def __init__(self, bundle) -> None:
+        super().__init__(bundle)
+        self.seq, self.source = 0, ""
+
+    def set_frame(self, frame, source="ui"):
+        super().set_frame(frame, source)
+        self.seq, self.source = self.seq + 1, source
+
+    def frame_state(self):
+        return self.seq, self.source
+
+
+def test_panel_sliders_follow_frames_set_elsewhere(bundle):
+    dpg = pytest.importorskip("dearpygui.dearpygui")
+    from app.ui.puppet_panel import build
+
+    dpg.create_context()
+    try:
+        ctx = CountingContext(bundle)
+        with dpg.window() as win:
+            pass
+        panel = build(win, ctx)
+        clock = FakeClock()
+        panel._follower.clock = clock
+        sp = panel.ctl.space
+        jaw, smile = sp.index("jaw open"), sp.index("mouthSmile_L")
+        f = bundle.avatar.neutral_frame()
+        f.pose[0, 2, 0] = 0.2
+        f.expr[0, EXPR_NAMES.index("mouthSmile_L")] = 0.7
+        ctx.set_frame(f, "webcam")
+        n = len(ctx.frames)
+        ctx.callbacks[0](0.03)
+        assert dpg.get_value(panel._sliders[jaw]) == pytest.approx(0.2)
+        assert dpg.get_value(panel._sliders[smile]) == pytest.approx(0.7)
+        assert len(ctx.frames) == n  # following shows nothing itself
+        g = bundle.avatar.neutral_frame()
+        g.pose[0, 2, 0] = 0.4
+        ctx.set_frame(g, "webcam")
+        ctx.callbacks[0](0.03)
+        assert dpg.get_value(panel._sliders[jaw]) == pytest.approx(0.2)  # throttled
+        clock.t += 0.3
+        ctx.callbacks[0](0.03)
+        assert dpg.get_value(panel._sliders[jaw]) == pytest.approx(0.4)  # a few updates a second
+        # the user moves a slider: the next webcam frame does not take it back at once
+        assert panel.set_slider("jaw open", 0.1)
+        ctx.set_frame(f, "webcam")
+        clock.t += 0.3
+        ctx.callbacks[0](0.03)
+        assert dpg.get_value(panel._sliders[jaw]) == pytest.approx(0.1)
+        clock.t += 1.0
+        ctx.callbacks[0](0.03)
+        assert dpg.get_value(panel._sliders[jaw]) == pytest.approx(0.2)  # after the hold it follows again
+        assert not panel.set_slider("no such slider", 1.0)
+        panel.reset()
+        ctx.callbacks[0](0.03)  # widgets re-sync once per UI frame
+        assert ctx.frames[-1][1] == "puppet" and dpg.get_value(panel._sliders[jaw]) == pytest.approx(0.0)
         panel.close()
     finally:
         dpg.destroy_context()

@@ -388,3 +388,63 @@ def test_panel_runs_a_job_and_opens_the_result(tiny_data, monkeypatch):
         panel.close()
     finally:
         dpg.destroy_context()
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="re-attaching checks /proc")
+def test_panel_close_keeps_the_run_and_selftest_opens_nothing(tiny_data, tmp_path, monkeypatch):
+    """App exit with "keep it running": the run survives and a later panel follows and stops it;
+    the self-test's tiny result never opens in the viewport, and the user's choice comes back."""
+    dpg = pytest.importorskip("dearpygui.dearpygui")
+    from app.ui.train_panel import build
+
+    # the fake trainer with the markers a real one has on its command line (re-attaching checks them)
+    monkeypatch.setattr(TrainingJob, "command", lambda self, resume: [
+        self.python, "-c", _FAKE_TRAINER, str(self.run_dir), str(self.run_dir / ".stop"), "hravatar.cli.main"])
+    monkeypatch.setenv("FAKE_STEP_S", "0.5")
+    dpg.create_context()
+    proc_pid = None
+    try:
+        with dpg.window():
+            with dpg.tab_bar():
+                with dpg.tab(label="Train") as tab:
+                    ctx = FakeCtx()
+                    panel = build(tab, ctx)
+                with dpg.tab(label="Train 2") as tab2:
+                    later = build(tab2, ctx)
+        assert not panel.show_run(tmp_path / "missing") and ctx.notes[-1][0] == "warning"
+        run = tmp_path / "run"
+        panel.set_dataset(str(tiny_data))
+        panel.set_run_dir(str(run))
+        assert panel.start() and panel.training_active
+        proc_pid = int((run / "train.pid").read_text().split()[0])
+        assert _wait_for(lambda: (run / "events.jsonl").exists(), 30)  # the trainer is up (not just forked)
+        panel.close(keep_running=True)
+        assert not panel.training_active
+        os.kill(proc_pid, 0)  # still training
+        # the next session points its Train tab at the folder: it follows the run and can stop it
+        assert later.show_run(run, dataset=tiny_data) and later.training_active
+        assert later.job.state == "running" and "following" in later.job.message
+        later.stop()
+        assert _wait_for(lambda: ctx.tick() or later.job.state == "stopped", 30)
+        assert later.job.checkpoint is not None and later.job.can_resume
+
+        # the self-test: a short run, paused and stopped; its result is not opened, auto-open comes back
+        opened = len(ctx.opened)
+        later.set_options("--iterations 7")
+        later.selftest()
+        assert not later.auto_open and not dpg.get_value(later._auto_box)
+        assert later.options == "--iterations 7" and dpg.get_value(later._options_in) == "--iterations 7"
+        assert _wait_for(lambda: ctx.tick() or not later.training_active, 30)
+        ctx.tick()
+        assert len(ctx.opened) == opened and later.job.state in ("stopped", "finished")
+        assert later.auto_open and dpg.get_value(later._auto_box)
+        selftest_dir = later._selftest_dir
+        later.close()
+        assert selftest_dir is not None and not selftest_dir.exists()
+    finally:
+        if proc_pid is not None:
+            try:
+                os.kill(proc_pid, signal.SIGKILL)
+            except OSError:
+                pass
+        dpg.destroy_context()

@@ -250,6 +250,7 @@ def test_context_contract(tmp_path, viewer):
         t.start()
         t.join()
         assert ctx.current_frame().pose[0, 2, 0] == pytest.approx(0.3)
+        assert ctx.frame_state() == (1, "webcam")  # panels that mirror the frame see who set it
         # render_image = the viewport's image formation at res x res
         img = ctx.render_image(f, 24)
         s = viewer.snapshot((24, 24))

@@ -17,6 +17,7 @@ import dearpygui.dearpygui as dpg
 import numpy as np
 import torch
 
+from app.closing import CHOICES, QUESTION, ExitFlow
 from app.context import AppContext, MessageLog, one_line_error, resolve_checkpoint_path
 from app.drop import DropHandler, GlfwEvents
 from app.lighting import EnvironmentLibrary
@@ -106,6 +107,8 @@ class App:
         self._last_mouse = (0.0, 0.0)
         self._status_t = 0.0
         self._text_inputs: list = []
+        self.exit_flow = ExitFlow(self._training_active)
+        self._shutting_down = False
         if opts.envmap:
             self._apply_envmap_option(opts.envmap)
 
@@ -158,13 +161,43 @@ class App:
         if dpg.does_item_exist(f"tab_{key}"):
             dpg.set_value("tabs", f"tab_{key}")
 
+    # ------------------------------------------------------------------ quitting
+    def _training_active(self) -> bool:
+        return bool(getattr(self.panels.get("train"), "training_active", False))
+
+    def request_exit(self) -> None:
+        """Window close button / File > Quit: close now, or ask first while a training run is active."""
+        if self.exit_flow.request() == "close":
+            dpg.stop_dearpygui()
+            return
+        if dpg.does_item_exist("dlg_exit"):
+            w, h = dpg.get_viewport_client_width(), dpg.get_viewport_client_height()
+            dpg.configure_item("dlg_exit", show=True, pos=(max(0, (w - 460) // 2), max(0, (h - 190) // 2)))
+
+    def answer_exit(self, choice: str) -> None:
+        """The answer to the exit question; the Train panel's ``close(keep_running=...)`` runs as the app stops."""
+        if dpg.does_item_exist("dlg_exit"):
+            dpg.configure_item("dlg_exit", show=False)
+        if self.exit_flow.answer(choice):
+            if self.exit_flow.keep_training:
+                run = getattr(self.panels.get("train"), "run_dir", "")
+                self.ctx.notify(f"Closing; training continues in the background in {run} "
+                                f"(follow it later: python launch.py --train-run {run})" if run
+                                else "Closing; training continues in the background")
+            else:
+                self.ctx.notify("Stopping the training run (it saves a checkpoint) ...")
+            dpg.stop_dearpygui()
+
     # ------------------------------------------------------------------ building the UI
     def build(self) -> None:
         dpg.create_context()
         self.fonts = setup_fonts()
         setup_theme()
         dpg.create_viewport(title=self.opts.title, width=self.opts.width, height=self.opts.height, vsync=False,
-                            clear_color=(24, 25, 28, 255), min_width=900, min_height=600)
+                            clear_color=(24, 25, 28, 255), min_width=900, min_height=600,
+                            disable_close=True)  # the close button calls request_exit (it may ask first)
+        # dearpygui also calls it once more while the context is destroyed: ignore that one
+        dpg.set_exit_callback(lambda: None if self._shutting_down else self.request_exit())
         self.tex_registry = dpg.add_texture_registry()
         self._ensure_texture(*self.viewer.render_size)
         with dpg.window(tag="root", no_scrollbar=True, menubar=True):
@@ -217,7 +250,7 @@ class App:
                 dpg.add_menu_item(label="Save PNG ...", callback=lambda: dpg.show_item("dlg_save_png"))
                 dpg.add_menu_item(label="Record MP4 ...", callback=self._toggle_record)
                 dpg.add_separator()
-                dpg.add_menu_item(label="Quit", callback=dpg.stop_dearpygui)
+                dpg.add_menu_item(label="Quit", callback=lambda: self.request_exit())
             with dpg.menu(label="View"):
                 dpg.add_menu_item(label="Reset view        R", callback=lambda: self.viewer.orbit.reset())
                 dpg.add_menu_item(label="Frame head        F", callback=lambda: self.viewer.frame_head())
@@ -268,6 +301,14 @@ class App:
         dialog("dlg_load_env", "Load environment map", [".hdr", ".exr"], self.load_environment_file)
         dialog("dlg_save_png", "Save PNG", [".png"], self.save_png, "hravatar.png")
         dialog("dlg_record", "Record MP4", [".mp4"], self.start_recording, "hravatar.mp4")
+        # the exit question (shown by request_exit while a training run is active)
+        with dpg.window(tag="dlg_exit", label="Quit hravatar", modal=True, show=False, no_resize=True, no_collapse=True,
+                        no_close=True, width=460, autosize=True):
+            dpg.add_text(QUESTION, wrap=430)
+            dpg.add_spacer(height=4)
+            for key, label in CHOICES:
+                dpg.add_button(label=label, width=-1, tag=f"dlg_exit_{key}", user_data=key,
+                               callback=lambda s, a, u: self.answer_exit(u))
 
     def _dialog_done(self, app_data: dict, fn: Callable) -> None:
         path = (app_data or {}).get("file_path_name")
@@ -534,11 +575,15 @@ class App:
         return code
 
     def close(self) -> None:
+        self._shutting_down = True
         for key, panel in list(self.panels.items()):
             close = getattr(panel, "close", None)
             if close is not None:
                 try:
-                    close()
+                    if key == "train":  # the exit question's answer: stop the run or leave it going
+                        close(keep_running=self.exit_flow.keep_training)
+                    else:
+                        close()
                 except Exception as e:  # noqa: BLE001
                     print(f"[warning] closing the {key} panel: {e}", flush=True)
         if self.recorder.state == "recording":

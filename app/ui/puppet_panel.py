@@ -9,7 +9,9 @@ import dearpygui.dearpygui as dpg
 import numpy as np
 
 from app.animation import Mp4Exporter
-from app.puppet import PuppetController
+from app.puppet import FrameFollower, PuppetController
+
+from . import MUTED
 
 _EXPORT_BUDGET_S = 0.05  # render time per UI frame while exporting, so the interface stays live
 
@@ -26,6 +28,8 @@ class PuppetPanel:
         self._sliders: dict[int, int | str] = {}
         self._synced = -1
         self._keys_shown: tuple | None = None
+        # the sliders mirror frames shown by others (webcam, scripts) a few times a second
+        self._follower = FrameFollower(own_source="puppet", interval_s=0.25)
         self._build(parent)
         ctx.add_frame_callback(self._on_frame)
 
@@ -33,7 +37,7 @@ class PuppetPanel:
     def _build(self, parent) -> None:
         with dpg.group(parent=parent) as self.root:
             with dpg.group(horizontal=True):
-                dpg.add_button(label="Reset", callback=lambda: self._show(self.ctl.reset()))
+                dpg.add_button(label="Reset", callback=lambda: self.reset())
                 dpg.add_button(label="Randomize", callback=lambda: self.randomize())
                 self._amount = dpg.add_slider_float(label="amount", default_value=0.5, min_value=0.0, max_value=1.0, width=90)
                 dpg.add_button(label="From current", callback=lambda: self._show(self.ctl.capture(self.ctx.current_frame())))
@@ -51,13 +55,18 @@ class PuppetPanel:
                 with dpg.group(horizontal=True):
                     dpg.add_button(label="Save JSON...", callback=lambda: dpg.show_item(self._save_dialog))
                     dpg.add_button(label="Load JSON...", callback=lambda: dpg.show_item(self._load_dialog))
+                # MP4 export: the number inputs get their own row so their +/- buttons fit the side bar
                 with dpg.group(horizontal=True):
-                    self._fps = dpg.add_input_int(label="fps", default_value=25, min_value=1, min_clamped=True, width=80)
-                    self._res = dpg.add_input_int(label="res", default_value=256, min_value=16, max_value=2048,
-                                                  min_clamped=True, max_clamped=True, width=80)
+                    dpg.add_text("MP4", color=MUTED)
+                    self._fps = dpg.add_input_int(label="fps", default_value=25, min_value=1, max_value=120, min_clamped=True,
+                                                  max_clamped=True, width=110)
+                    self._res = dpg.add_input_int(label="px", default_value=256, min_value=16, max_value=2048, step=64,
+                                                  min_clamped=True, max_clamped=True, width=120)
+                with dpg.group(horizontal=True):
                     dpg.add_button(label="Export MP4...", callback=lambda: dpg.show_item(self._mp4_dialog))
-                    dpg.add_button(label="Cancel", callback=lambda: self.cancel_export())
-                self._progress = dpg.add_progress_bar(default_value=0.0, overlay="", width=-1)
+                    dpg.add_button(label="Cancel export", callback=lambda: self.cancel_export())
+                    # shown from the first export on (an empty bar says nothing)
+                    self._progress = dpg.add_progress_bar(default_value=0.0, overlay="", width=-1, show=False)
             self._slider_root = dpg.add_group()
         self._save_dialog = self._file_dialog(".json", lambda p: self.save_json(p), "animation.json")
         self._load_dialog = self._file_dialog(".json", lambda p: self.load_json(p))
@@ -98,7 +107,21 @@ class PuppetPanel:
         if frame is not None:
             self.ctx.set_frame(frame, source="puppet")
 
+    def reset(self) -> None:
+        """Neutral face, rest pose (the Reset button)."""
+        self._show(self.ctl.reset())
+
+    def set_slider(self, name: str, value: float) -> bool:
+        """Move the slider called ``name`` as the user would; False when this avatar has none."""
+        if name not in {s.name for s in self.ctl.space.specs}:
+            return False
+        i = self.ctl.space.index(name)
+        self._on_slider(None, value, i)
+        dpg.set_value(self._sliders[i], float(self.ctl.space.values[i]))
+        return True
+
     def _on_slider(self, sender, value, index) -> None:
+        self._follower.user_changed()
         self._show(self.ctl.set_value(index, value))
 
     def _set_loop(self, on: bool) -> None:
@@ -155,7 +178,7 @@ class PuppetPanel:
             self.ctx.notify(f"cannot export: {e}", "error")
             return
         self.ctl.timeline.pause()
-        dpg.configure_item(self._progress, overlay=f"0 / {self._exporter.total}")
+        dpg.configure_item(self._progress, overlay=f"0 / {self._exporter.total}", show=True)
 
     def cancel_export(self) -> None:
         if self._exporter is not None:
@@ -188,9 +211,23 @@ class PuppetPanel:
             self.ctl.rebind(self._bundle, self.ctx.device)
             self._build_sliders()
         self._show(self.ctl.tick())
+        self._follow_others()
         if self._exporter is not None:
             self._step_export()
         self._sync()
+
+    def _follow_others(self) -> None:
+        """Frames set by others (webcam, other panels, scripts) move the sliders, a few times a second."""
+        frame_state = getattr(self.ctx, "frame_state", None)
+        if frame_state is None:
+            return
+        seq, source = frame_state()
+        if self._follower.should_follow(seq, source, self._user_editing):
+            self.ctl.follow(self.ctx.current_frame())
+
+    def _user_editing(self) -> bool:
+        """A slider of this tab is held or typed into (a follow now would fight the user's hand)."""
+        return any(dpg.is_item_active(tag) for tag in self._sliders.values())
 
     def _sync(self) -> None:
         """Bring widgets in line with the controller (after playback, reset, load...)."""

@@ -25,8 +25,14 @@ from app.training import (
     write_tiny_dataset,
 )
 
+from . import MUTED, form, heading, row
+
 _POLL_S = 0.25  # poll the run folder at 4 Hz: fresh enough, and cheap for the UI thread
-_PREVIEW_W, _PREVIEW_H = 320, 160  # previews are ground truth | render side by side (2:1)
+_PREVIEW_W, _PREVIEW_H = 368, 184  # previews are ground truth | render side by side (2:1); fits the side bar
+_LABEL_W = 78  # label column of the form rows
+_HALF_W = 216  # PSNR and Gaussian plots side by side in the ~430 px wide side bar
+_WRAP = 425
+_STATS_COLOUR = (190, 196, 206)
 _OPEN_ON = ("finished", "stopped")  # outcomes whose checkpoint opens in the viewport
 
 
@@ -47,52 +53,69 @@ class TrainPanel:
         self._series: dict[str, int | str] = {}
         self._shown_counts: tuple = ()
         self._selftest_dir: Path | None = None
+        self._auto_open_after_selftest: bool | None = None  # restored once the self-test's run has ended
         self._build(parent)
         ctx.add_frame_callback(self._on_frame)
 
     # ---------------------------------------------------------------- layout
     def _build(self, parent) -> None:
+        shell = getattr(self.ctx, "shell", None)
+        fonts = getattr(shell, "fonts", None)
         with dpg.group(parent=parent) as self.root:
-            with dpg.group(horizontal=True):
-                self._dataset_in = dpg.add_input_text(label="dataset", width=-260, on_enter=True,
+            t = form(label_width=_LABEL_W)
+            with dpg.group(horizontal=True, parent=row(t, "Dataset", "A prepared dataset folder "
+                                                           "(hravatar preprocess / hravatar synth).")):
+                self._dataset_in = dpg.add_input_text(width=-78, on_enter=True, hint="prepared dataset folder",
                                                       callback=lambda s, a: self.set_dataset(a))
-                self._dataset_btn = dpg.add_button(label="Browse...", callback=lambda: dpg.show_item(self._dataset_dialog))
-            with dpg.group(horizontal=True):
-                self._run_in = dpg.add_input_text(label="run folder", width=-260, on_enter=True,
+                self._dataset_btn = dpg.add_button(label="Browse", width=70,
+                                                   callback=lambda: dpg.show_item(self._dataset_dialog))
+            with dpg.group(horizontal=True, parent=row(t, "Run folder", "Checkpoints, events and previews go here; "
+                                                              "choose a folder of an earlier run to follow or resume it.")):
+                self._run_in = dpg.add_input_text(width=-78, on_enter=True, hint="where the run is saved",
                                                   callback=lambda s, a: self.set_run_dir(a))
-                self._run_btn = dpg.add_button(label="Browse...", callback=lambda: dpg.show_item(self._run_dialog))
-            with dpg.group(horizontal=True):
-                self._profile_in = dpg.add_combo(list(PROFILES), label="profile", default_value=self.profile, width=90,
+                self._run_btn = dpg.add_button(label="Browse", width=70, callback=lambda: dpg.show_item(self._run_dialog))
+            with dpg.group(horizontal=True, parent=row(t, "Profile", "quick: CPU-friendly 256x256; full: the method's "
+                                                           "schedule at 512x512 for a GPU. Extra options are passed to "
+                                                           "hravatar train.")):
+                self._profile_in = dpg.add_combo(list(PROFILES), default_value=self.profile, width=80,
                                                  callback=lambda s, a: self.set_profile(a))
-                self._options_in = dpg.add_input_text(label="extra options", width=260, hint="e.g. --iterations 500",
+                self._options_in = dpg.add_input_text(width=-1, hint="extra options, e.g. --iterations 500",
                                                       callback=lambda s, a: self.set_options(a))
-                self._auto_box = dpg.add_checkbox(label="open the result when training ends", default_value=True,
-                                                  callback=lambda s, a: setattr(self, "auto_open", bool(a)))
+            for item in (self._dataset_in, self._run_in, self._options_in):
+                if shell is not None and hasattr(shell, "register_text_input"):
+                    shell.register_text_input(item)  # typing "r" / "f" there must not move the camera
+            self._auto_box = dpg.add_checkbox(label="Open the result in the viewport when training ends", default_value=True,
+                                              callback=lambda s, a: setattr(self, "auto_open", bool(a)))
             with dpg.group(horizontal=True):
                 self._buttons = {
-                    "start": dpg.add_button(label="Start", width=80, callback=lambda: self.start()),
-                    "pause": dpg.add_button(label="Pause", width=80, callback=lambda: self.pause()),
-                    "resume": dpg.add_button(label="Resume", width=80, callback=lambda: self.resume()),
-                    "stop": dpg.add_button(label="Stop", width=80, callback=lambda: self.stop()),
-                    "open": dpg.add_button(label="Open latest checkpoint", callback=lambda: self.open_latest()),
+                    "start": dpg.add_button(label="Start", width=64, callback=lambda: self.start()),
+                    "pause": dpg.add_button(label="Pause", width=64, callback=lambda: self.pause()),
+                    "resume": dpg.add_button(label="Resume", width=70, callback=lambda: self.resume()),
+                    "stop": dpg.add_button(label="Stop", width=64, callback=lambda: self.stop()),
+                    "open": dpg.add_button(label="Open result", width=-1, callback=lambda: self.open_latest()),
                 }
             self._bar = dpg.add_progress_bar(default_value=0.0, overlay="", width=-1)
-            self._stats = dpg.add_text("")
-            self._msg = dpg.add_text("Choose a prepared dataset folder (hravatar preprocess / hravatar synth).", wrap=0)
-            with dpg.group(horizontal=True):
-                with dpg.group():
-                    loss_plot, self._loss_y = self._plot("losses", log=True, legend=True)
-                    psnr_plot, self._psnr_y = self._plot("test PSNR (dB)")
-                    gauss_plot, self._gauss_y = self._plot("Gaussians")
-                    self._plots = (loss_plot, psnr_plot, gauss_plot)
-                    self._psnr_series = dpg.add_line_series([], [], label="PSNR", parent=self._psnr_y)
-                    self._gauss_series = dpg.add_line_series([], [], label="Gaussians", parent=self._gauss_y)
-                with dpg.group():
-                    dpg.add_text("latest preview (ground truth | render)")
-                    with dpg.texture_registry():
-                        self._tex = dpg.add_dynamic_texture(_PREVIEW_W, _PREVIEW_H,
-                                                            np.zeros(_PREVIEW_W * _PREVIEW_H * 4, np.float32))
-                    dpg.add_image(self._tex, width=_PREVIEW_W * 3 // 2, height=_PREVIEW_H * 3 // 2)
+            self._stats = dpg.add_text("", color=_STATS_COLOUR)
+            self._msg = dpg.add_text("Choose a prepared dataset folder (hravatar preprocess / hravatar synth).",
+                                     wrap=_WRAP, color=MUTED)
+            dpg.add_spacer(height=2)
+            heading("Latest preview (ground truth | render)", fonts=fonts)
+            with dpg.texture_registry():
+                self._tex = dpg.add_dynamic_texture(_PREVIEW_W, _PREVIEW_H, np.zeros(_PREVIEW_W * _PREVIEW_H * 4, np.float32))
+            self._preview = dpg.add_image(self._tex, width=_PREVIEW_W, height=_PREVIEW_H, border_color=(60, 64, 72, 255),
+                                          show=False)
+            self._no_preview = dpg.add_text("No preview yet: the trainer writes one every few hundred iterations.",
+                                            color=MUTED, wrap=_WRAP)
+            dpg.add_spacer(height=2)
+            self._no_data = dpg.add_text("The plots fill in as the run writes its events.", color=MUTED)
+            with dpg.group(show=False) as self._plot_group:
+                loss_plot, self._loss_y = self._plot("Losses", height=140, log=True, legend=True)
+                with dpg.group(horizontal=True):
+                    psnr_plot, self._psnr_y = self._plot("Test PSNR (dB)", height=110, width=_HALF_W)
+                    gauss_plot, self._gauss_y = self._plot("Gaussians", height=110, width=-1)
+                self._plots = (loss_plot, psnr_plot, gauss_plot)
+                self._psnr_series = dpg.add_line_series([], [], label="PSNR", parent=self._psnr_y)
+                self._gauss_series = dpg.add_line_series([], [], label="Gaussians", parent=self._gauss_y)
         # dearpygui draws disabled buttons like enabled ones unless a theme says otherwise
         with dpg.theme() as self._disabled_theme:
             with dpg.theme_component(dpg.mvButton, enabled_state=False):
@@ -103,10 +126,15 @@ class TrainPanel:
         for b in (*self._buttons.values(), self._dataset_btn, self._run_btn):
             dpg.bind_item_theme(b, self._disabled_theme)
         # auto-fit with a margin so flat curves stay off the frame (linear axes only: a padded
-        # log axis would reach down to zero)
+        # log axis would reach down to zero); small plot paddings so the plots fit the side bar
         with dpg.theme() as self._plot_theme:
             with dpg.theme_component(dpg.mvPlot):
                 dpg.add_theme_style(dpg.mvPlotStyleVar_FitPadding, 0.02, 0.1, category=dpg.mvThemeCat_Plots)
+                dpg.add_theme_style(dpg.mvPlotStyleVar_PlotPadding, 6, 6, category=dpg.mvThemeCat_Plots)
+        with dpg.theme() as self._log_plot_theme:
+            with dpg.theme_component(dpg.mvPlot):
+                dpg.add_theme_style(dpg.mvPlotStyleVar_PlotPadding, 6, 6, category=dpg.mvThemeCat_Plots)
+        dpg.bind_item_theme(self._plots[0], self._log_plot_theme)
         for plot in self._plots[1:]:
             dpg.bind_item_theme(plot, self._plot_theme)
         self._dataset_dialog = self._dir_dialog(lambda p: self.set_dataset(p))
@@ -114,11 +142,11 @@ class TrainPanel:
         self._refresh()
 
     @staticmethod
-    def _plot(title: str, log: bool = False, legend: bool = False):
-        with dpg.plot(label=title, height=150, width=460) as plot:
+    def _plot(title: str, height: int, width: int = -1, log: bool = False, legend: bool = False):
+        with dpg.plot(label=title, height=height, width=width, no_menus=True) as plot:
             if legend:  # outside, so it never hides the curves
                 dpg.add_plot_legend(outside=True, location=dpg.mvPlot_Location_East)
-            dpg.add_plot_axis(dpg.mvXAxis, label="iteration", auto_fit=True)
+            dpg.add_plot_axis(dpg.mvXAxis, auto_fit=True)  # x: training iteration
             y = dpg.add_plot_axis(dpg.mvYAxis, auto_fit=True, scale=dpg.mvPlotScale_Log10 if log else dpg.mvPlotScale_Linear)
         return plot, y
 
@@ -234,6 +262,9 @@ class TrainPanel:
             self._say(self.job.message, "error" if failed else "info")
             if after in _OPEN_ON and before in ("running", "pausing", "stopping") and self.auto_open and self.job.checkpoint:
                 self.ctx.open_checkpoint(self.job.checkpoint)
+        if self._auto_open_after_selftest is not None and not self.training_active:
+            self._set_auto_open(self._auto_open_after_selftest)  # the self-test's run is over
+            self._auto_open_after_selftest = None
         self._refresh()
 
     def close(self, keep_running: bool = False) -> None:
@@ -257,12 +288,18 @@ class TrainPanel:
             self.poll()
             return
         self._selftest_dir = Path(tempfile.mkdtemp(prefix="hravatar_train_selftest_"))
+        # its tiny checkpoint is no avatar to look at: do not open it when the run ends
+        self._auto_open_after_selftest = self.auto_open
+        self._set_auto_open(False)
+        user_options = self.options
         data = write_tiny_dataset(self._selftest_dir / "data", frames=4, res=32)
         self.set_dataset(str(data))
+        self.set_run_dir(str(self._selftest_dir / "run"))  # never the folder of a run the user chose
         self.set_profile("quick")
         self.set_options(" ".join(("--iterations", "30") + TINY_OVERRIDES))
         if not self.start():
             raise RuntimeError(f"train panel self-test could not start: {self.job.message if self.job else ''}")
+        self.set_options(user_options)  # the running job keeps its own copy
         end = time.monotonic() + 1.0
         while time.monotonic() < end and self.training_active:
             self.poll()
@@ -270,6 +307,24 @@ class TrainPanel:
         self.pause()
         self.stop()
         self.poll()
+
+    def show_run(self, run_dir: str | Path, dataset: str | Path | None = None) -> bool:
+        """Follow a run folder (its plots and previews; a run still training is re-attached, a
+        stopped one can be resumed when ``dataset`` is given). False when another run is active."""
+        if self.training_active:
+            self._say("stop the running training before choosing another run folder", "warning")
+            return False
+        if not Path(run_dir).expanduser().is_dir():
+            self._say(f"{run_dir} is not a folder", "warning")
+            return False
+        self.dataset = str(dataset) if dataset else ""
+        dpg.set_value(self._dataset_in, self.dataset)
+        self.set_run_dir(str(run_dir))
+        return self.job is not None
+
+    def _set_auto_open(self, on: bool) -> None:
+        self.auto_open = bool(on)
+        dpg.set_value(self._auto_box, self.auto_open)
 
     # ---------------------------------------------------------------- internals
     def _new_job(self) -> None:
@@ -311,9 +366,13 @@ class TrainPanel:
         self._series.clear()
         dpg.set_value(self._psnr_series, [[], []])
         dpg.set_value(self._gauss_series, [[], []])
+        dpg.configure_item(self._plot_group, show=False)  # empty plots only show meaningless axes
+        dpg.configure_item(self._no_data, show=True)
         self._shown_counts = ()
         self._shown_preview = None
         dpg.set_value(self._tex, np.zeros(_PREVIEW_W * _PREVIEW_H * 4, np.float32))
+        dpg.configure_item(self._preview, show=False)
+        dpg.configure_item(self._no_preview, show=True)
 
     def _refresh(self) -> None:
         """Buttons, progress text, plots and preview from the job's state and progress."""
@@ -330,11 +389,14 @@ class TrainPanel:
             dpg.set_value(self._bar, 0.0)
             dpg.configure_item(self._bar, overlay="")
             dpg.set_value(self._stats, "")
+            dpg.configure_item(self._stats, show=False)
             return
         p = job.progress
         dpg.set_value(self._bar, p.fraction)
         dpg.configure_item(self._bar, overlay=f"{job.state}  {p.iteration}/{p.total}" if p.total else job.state)
-        dpg.set_value(self._stats, self.stats_text())
+        stats = self.stats_text()
+        dpg.set_value(self._stats, stats)
+        dpg.configure_item(self._stats, show=bool(stats))  # no empty line
         self._update_plots()
         self._update_preview()
 
@@ -372,6 +434,9 @@ class TrainPanel:
             dpg.set_value(self._series[name], [list(s.xs), ys])
         dpg.set_value(self._psnr_series, [list(p.psnr.xs), list(p.psnr.ys)])
         dpg.set_value(self._gauss_series, [list(p.gaussians.xs), list(p.gaussians.ys)])
+        has_data = any(len(s) for s in p.losses.values()) or len(p.psnr) > 0 or len(p.gaussians) > 0
+        dpg.configure_item(self._plot_group, show=has_data)
+        dpg.configure_item(self._no_data, show=not has_data)
 
     def _update_preview(self) -> None:
         path = self.job.progress.preview_path or latest_preview(self.job.run_dir)
@@ -381,6 +446,8 @@ class TrainPanel:
         if img is not None:
             dpg.set_value(self._tex, img.ravel())
             self._shown_preview = path
+            dpg.configure_item(self._preview, show=True)
+            dpg.configure_item(self._no_preview, show=False)
 
 
 def build(parent, ctx) -> TrainPanel:

@@ -13,7 +13,7 @@ from app.webcam import MODES, VIDEO_EXTENSIONS, WebcamController, has_encoder, w
 
 from . import LEVEL_COLOURS, MUTED, heading, note
 
-_PREVIEW = (256, 192)
+_PREVIEW = (384, 288)  # 4:3 like most cameras; fits the ~440 px side bar
 _CAMERA_CHOICES = 4  # indices offered before probing
 _MODE_LABELS = {"landmarks": "landmarks (anyone)", "encoder": "avatar's encoder"}
 

@@ -228,6 +228,39 @@ def cmd_train(a: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def cmd_preprocess(a: argparse.Namespace) -> None:
+    from rich.progress import Progress
+
+    from hravatar.data.format import partial_path
+    from hravatar.data.preprocess import PreprocessConfig, PreprocessError, preprocess_video
+    from hravatar.track.landmarks import MediaPipeMissing
+
+    cfg = PreprocessConfig(res=a.res, max_frames=a.max_frames, head=a.head, test_frac=a.test_frac,
+                           landmarker=a.landmarker, fps=a.fps, qc=not a.no_qc, device=_device(a.device))
+    labels = {"detect": "decode + landmarks", "camera": "camera + identity", "track": "tracking", "write": "crop, matte, write"}
+    try:
+        with Progress(disable=a.quiet) as prog:
+            tasks: dict[str, int] = {}
+
+            def cb(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = prog.add_task(labels.get(stage, stage), total=total or None)
+                prog.update(tasks[stage], completed=done, total=total or None)
+
+            rep = preprocess_video(a.video, a.out, cfg, progress=cb, overwrite=a.overwrite)
+    except (PreprocessError, MediaPipeMissing) as e:
+        raise CliError(str(e)) from None
+    except KeyboardInterrupt:
+        raise CliError(f"interrupted; run the same command again to resume (work kept in {partial_path(a.out)})") from None
+    d, tr = rep["dataset"], rep["tracking"]
+    print(f"wrote {a.out}: {d['frames']} frames ({d['train']} train, {d['test']} test) at {d['res']}x{d['res']}, "
+          f"landmark error {100 * tr['mean_error_rel']:.2f}% of the face size ({tr['mean_error_px']:.2f} px) mean, "
+          f"{100 * tr['max_error_rel']:.2f}% max; fov {rep['camera']['fov_deg']:g} deg")
+    for w in rep["warnings"]:
+        print(f"note: {w}")
+    print(f"QC: {Path(a.out) / 'QC.mp4'} and {Path(a.out) / 'qc.json'}" if cfg.qc else f"QC: {Path(a.out) / 'qc.json'}")
+
+
 ABLATIONS = {
     "full": {},
     "no_encoder": {"encoder": False},
@@ -384,6 +417,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--retrain", action="store_true", help="with --ablations: retrain existing runs")
     train_options(ev)
     ev.set_defaults(func=cmd_eval)
+    pp = sub.add_parser("preprocess", help="turn a head video into a dataset (crop, matting, tracking, QC video)")
+    pp.add_argument("video", help="input video (any format ffmpeg reads)")
+    pp.add_argument("--out", required=True, help="dataset folder to create")
+    pp.add_argument("--res", type=int, default=512, help="side of the stored square frames")
+    pp.add_argument("--max-frames", type=int, default=None, help="use at most this many frames from the start")
+    pp.add_argument("--head", default="builtin", help="head model: builtin, flame:PATH or ict:DIR")
+    pp.add_argument("--test-frac", type=float, default=0.2, help="fraction of frames (the last ones) held out for testing")
+    pp.add_argument("--landmarker", default=None, metavar="PATH.task",
+                    help="MediaPipe face_landmarker.task (default: the face mesh inside the mediapipe wheel)")
+    pp.add_argument("--fps", type=float, default=None, help="dataset frame rate (default: the video's, at most 30)")
+    pp.add_argument("--device", default="cpu", help="device of the head-model fitting: cpu, cuda or auto")
+    pp.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    pp.add_argument("--no-qc", action="store_true", help="skip the QC video (qc.json is always written)")
+    pp.add_argument("--quiet", action="store_true", help="no progress display")
+    pp.set_defaults(func=cmd_preprocess)
     d = sub.add_parser("demo", help="rebuild the bundled demo avatar (synthetic subject, quick profile)")
     d.add_argument("--work", required=True, help="folder for the synthetic data and the training run (resumable)")
     d.add_argument("--out", default=None, help="output checkpoint (default: assets/demo_avatar.safetensors)")

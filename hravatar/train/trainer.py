@@ -89,7 +89,7 @@ class Trainer:
         if head is None:
             from hravatar.head import load_head_model
 
-            head = load_head_model(head_spec_from_identity(self.train_set.meta.head))
+            head = load_head_model(self.train_set.meta.head_spec or head_spec_from_identity(self.train_set.meta.head))
         self.avatar = GaussianAvatar.from_head(head, config.avatar, beta=self.train_set.beta.cpu()).to(self.device)
         self._init_lighting()
         self._init_encoder()
