@@ -236,7 +236,8 @@ def cmd_preprocess(a: argparse.Namespace) -> None:
     from hravatar.track.landmarks import MediaPipeMissing
 
     cfg = PreprocessConfig(res=a.res, max_frames=a.max_frames, head=a.head, test_frac=a.test_frac,
-                           landmarker=a.landmarker, fps=a.fps, qc=not a.no_qc, device=_device(a.device))
+                           landmarker=a.landmarker, fps=a.fps, qc=not a.no_qc, device=_device(a.device),
+                           threads=a.threads or None)
     labels = {"detect": "decode + landmarks", "camera": "camera + identity", "track": "tracking", "write": "crop, matte, write"}
     try:
         with Progress(disable=a.quiet) as prog:
@@ -428,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="MediaPipe face_landmarker.task (default: the face mesh inside the mediapipe wheel)")
     pp.add_argument("--fps", type=float, default=None, help="dataset frame rate (default: the video's, at most 30)")
     pp.add_argument("--device", default="cpu", help="device of the head-model fitting: cpu, cuda or auto")
+    pp.add_argument("--threads", type=int, default=1, help="torch CPU threads while fitting (0 = torch default; 1 is fastest on small or busy machines)")
     pp.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     pp.add_argument("--no-qc", action="store_true", help="skip the QC video (qc.json is always written)")
     pp.add_argument("--quiet", action="store_true", help="no progress display")

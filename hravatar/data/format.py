@@ -74,6 +74,9 @@ class DatasetMeta:
     has_albedo: whether ``albedo/`` holds a pseudo-albedo map for every frame.
     source: free-form provenance (video path, "synthetic", ...).
     synthetic: optional description of a synthetic dataset (generator settings; free-form).
+    head_spec: optional ``load_head_model`` spec of the head model (``"builtin"``, ``"flame:PATH"``,
+        ``"ict:DIR"``), written by ``hravatar preprocess``; the trainer prefers it to guessing the
+        model from ``head`` (older datasets lack it).
     """
 
     num_frames: int
@@ -87,6 +90,7 @@ class DatasetMeta:
     has_albedo: bool = False
     source: str = ""
     synthetic: dict | None = None
+    head_spec: str | None = None
 
     @property
     def num_train(self) -> int:
@@ -106,8 +110,9 @@ class DatasetMeta:
     def to_json(self) -> dict:
         """JSON-ready dict, with ``format`` and ``version`` first."""
         d = {"format": FORMAT, "version": VERSION, **asdict(self)}
-        if d["synthetic"] is None:
-            del d["synthetic"]
+        for k in ("synthetic", "head_spec"):
+            if d[k] is None:
+                del d[k]
         return d
 
     def check(self, where: str | Path = META_FILE) -> None:
@@ -129,6 +134,8 @@ class DatasetMeta:
             raise DatasetError(f"{where}: 'has_albedo' must be true or false, found {self.has_albedo!r}")
         if self.synthetic is not None and not isinstance(self.synthetic, dict):
             raise DatasetError(f"{where}: 'synthetic' must be an object when present")
+        if self.head_spec is not None and (not isinstance(self.head_spec, str) or not self.head_spec):
+            raise DatasetError(f"{where}: 'head_spec' must be a non-empty string when present")
 
     @classmethod
     def from_json(cls, d: Any, where: str | Path = META_FILE) -> "DatasetMeta":
@@ -142,7 +149,7 @@ class DatasetMeta:
                 f"{where}: unsupported dataset version {d.get('version')!r} (this hravatar reads version {VERSION})"
             )
         names = [f.name for f in fields(cls)]
-        optional = {"has_albedo", "source", "synthetic"}
+        optional = {"has_albedo", "source", "synthetic", "head_spec"}
         missing = [n for n in names if n not in d and n not in optional]
         if missing:
             raise DatasetError(f"{where}: missing field(s) {', '.join(missing)}")
