@@ -307,6 +307,39 @@ def cmd_eval(a: argparse.Namespace) -> None:
     print(markdown_table({Path(a.target).name: res}))
 
 
+def cmd_fit(a: argparse.Namespace) -> None:
+    """Video -> dataset -> avatar -> eval.json + preview.mp4 (see hravatar/fit.py)."""
+    from rich.progress import Progress
+
+    from hravatar.data.preprocess import PreprocessConfig, PreprocessError
+    from hravatar.eval.evaluate import markdown_table
+    from hravatar.fit import fit_video
+    from hravatar.track.landmarks import MediaPipeMissing
+    from hravatar.train.events import JsonlLog, RichProgress
+    from hravatar.train.trainer import TrainingStopped
+
+    cfg = train_config_from_args(a)
+    pcfg = PreprocessConfig(res=cfg.resolution, max_frames=a.max_frames, head=a.head, test_frac=a.test_frac, landmarker=a.landmarker)
+    out = Path(a.out)
+    log = JsonlLog(out / "events.jsonl")
+    try:
+        with Progress() as prog:
+            tasks: dict[str, int] = {}
+
+            def cb(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = prog.add_task(f"preprocess: {stage}", total=total or None)
+                prog.update(tasks[stage], completed=done, total=total or None)
+
+            res = fit_video(a.video, out, cfg, _device(a.device), pcfg, progress=cb, bus_listeners=(log, RichProgress()))
+    except (PreprocessError, MediaPipeMissing, TrainingStopped) as e:
+        raise CliError(str(e)) from None
+    finally:
+        log.close()
+    print(markdown_table({out.name: res}))
+    print(f"wrote {out / 'eval.json'}, {out / 'eval_strip.png'} and {out / 'preview.mp4'}")
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     """Synthetic subject -> quick training -> compact checkpoint (the bundled demo avatar)."""
     from hravatar.api import DEMO_CHECKPOINT
@@ -434,6 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--no-qc", action="store_true", help="skip the QC video (qc.json is always written)")
     pp.add_argument("--quiet", action="store_true", help="no progress display")
     pp.set_defaults(func=cmd_preprocess)
+    fi = sub.add_parser("fit", help="video -> preprocess -> train -> eval -> preview, in one command (resumable)")
+    fi.add_argument("video", help="input video (any format ffmpeg reads)")
+    fi.add_argument("--out", required=True, help="run folder (dataset/, checkpoints, eval.json, preview.mp4)")
+    fi.add_argument("--max-frames", type=int, default=None, help="use at most this many frames from the start")
+    fi.add_argument("--head", default="builtin", help="head model: builtin, flame:PATH or ict:DIR")
+    fi.add_argument("--test-frac", type=float, default=0.2, help="fraction of frames (the last ones) held out for testing")
+    fi.add_argument("--landmarker", default=None, metavar="PATH.task", help="MediaPipe face_landmarker.task (optional)")
+    train_options(fi)
+    fi.set_defaults(func=cmd_fit)
     d = sub.add_parser("demo", help="rebuild the bundled demo avatar (synthetic subject, quick profile)")
     d.add_argument("--work", required=True, help="folder for the synthetic data and the training run (resumable)")
     d.add_argument("--out", default=None, help="output checkpoint (default: assets/demo_avatar.safetensors)")
