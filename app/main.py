@@ -101,10 +101,11 @@ def show_train_run(app, run_dir: str) -> None:
 # ---------------------------------------------------------------------------------------------- scripts
 def _rendered(app):
     def cond() -> bool:
-        """the viewport showing the current state"""
+        """the viewport showing the current state (at full size, after any interactive reduced renders)"""
         f = app.shown_frame
         return (f is not None and f.version == app.viewer.version and app.library.pending is None and not app.worker.busy
-                and app.shown_seq == app.worker.latest().seq)
+                and app.shown_seq == app.worker.latest().seq and not app.progressive.refine_pending
+                and (f.width, f.height) == tuple(app.viewer.render_size))
     return cond
 
 
@@ -393,6 +394,7 @@ def bench_script(app, n: int, slider: str, json_path: str | None):
     stamps: list[float] = []
     ui_times: list[float] = []
     last_seq = app.shown_seq
+    sizes: dict[str, int] = {}  # internal render size of each displayed frame -> count
     k = 0
     t_prev = time.perf_counter()
     while app.fps.total - start_total < n:
@@ -417,6 +419,14 @@ def bench_script(app, n: int, slider: str, json_path: str | None):
         if app.shown_seq != last_seq:
             last_seq = app.shown_seq
             stamps.append(now)
+            sf = app.shown_frame
+            key = f"{sf.width}x{sf.height}"
+            sizes[key] = sizes.get(key, 0) + 1
+    t_stop = time.perf_counter()
+    interactive_render_ms = app.render_ms.value
+    yield _rendered(app)  # the slider stopped: one more render at full size
+    t_refined = time.perf_counter()
+    refine = app.shown_frame
     if slider == "expression":
         app.ctx.set_frame(frame0, "bench")
     span = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
@@ -432,7 +442,11 @@ def bench_script(app, n: int, slider: str, json_path: str | None):
         "device": str(app.device),
         "backend": v.renderer.backend,
         "gaussians": v.num_gaussians,
-        "render_ms_mean": app.render_ms.value,
+        "render_ms_mean": interactive_render_ms,
+        "internal_sizes": sizes,
+        "final_refine": {"size": [refine.width, refine.height], "ms": round(refine.timings.get("total", 0.0), 2),
+                         "shown_after_s": round(t_refined - t_stop, 3),
+                         "full_size": [refine.width, refine.height] == [w, h]},
         "last_timings_ms": {k2: round(val, 2) for k2, val in (f.timings.items() if f else [])},
         "display_ms_mean": app.display_ms.value,
         "ui_frame_ms_mean": 1e3 * sum(ui_times) / max(1, len(ui_times)),

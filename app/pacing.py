@@ -4,6 +4,7 @@ Everything takes times from an injectable clock (seconds, monotonic), so it is t
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from typing import Callable
@@ -125,3 +126,112 @@ class FramePacer:
             return self.idle_sleep_s
         elapsed = self.clock() - self._frame_start
         return max(0.0, 1.0 / self.max_fps - elapsed)
+
+
+class ProgressiveResolution:
+    """Progressive refinement: render at a reduced size while the user interacts, then once at full size.
+
+    The UI loop calls :meth:`request` for every new render request (the viewed state changed); a
+    request counts as *interactive* while a drag is active or when the previous request came less
+    than ``interactive_gap_s`` ago (a slider being dragged changes the state every UI frame). An
+    interactive request is rendered at a scale chosen from the measured cost (:meth:`report`) so
+    that one render takes about ``target_ms``, never below ``min_scale`` of the full size; the image
+    is stretched to the same on-screen size. Once no request came for ``settle_s`` seconds,
+    :meth:`refine_due` says that the last (reduced) image should be rendered again at full size.
+
+    Only requests that re-rasterize the avatar (``geometry``: expression, pose, camera) choose a
+    new scale; those that only re-shade cached G-buffers (material, lighting) keep the size of the
+    previous request, so the cache stays valid (a different size would re-rasterize, the expensive part).
+
+    Args:
+        clock: monotonic seconds (``time.perf_counter`` by default).
+        enabled: False renders everything at full size (recording, or a fast GPU).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, target_ms: float = 100.0, min_scale: float = 0.45,
+                 interactive_gap_s: float = 0.25, settle_s: float = 0.25, step_px: int = 8, smoothing: float = 0.5,
+                 enabled: bool = True) -> None:
+        self.clock = clock
+        self.target_ms = float(target_ms)
+        self.min_scale = float(min_scale)
+        self.interactive_gap_s = float(interactive_gap_s)
+        self.settle_s = float(settle_s)
+        self.step_px = max(1, int(step_px))
+        self.smoothing = float(smoothing)
+        self.enabled = bool(enabled)
+        self._cost: dict[bool, float] = {}  # geometry? -> estimated full-size render ms
+        self._last_request = -1e18
+        self._reduced = False  # the newest request was rendered below full size (a refine is owed)
+        self.last_scale = 1.0
+
+    # ------------------------------------------------------------------ measurements
+    def report(self, ms: float, scale: float, geometry: bool) -> None:
+        """A render took ``ms`` at ``scale`` (fraction of the full height); updates the cost estimate.
+
+        The cost is assumed to grow with the pixel count (``scale ** 2``), which over-estimates the
+        full-size cost when part of it is fixed: the chosen scale errs on the fast side.
+        """
+        if ms <= 0 or scale <= 0:
+            return
+        full = float(ms) / (float(scale) ** 2)
+        old = self._cost.get(bool(geometry))
+        self._cost[bool(geometry)] = full if old is None else self.smoothing * old + (1.0 - self.smoothing) * full
+
+    def estimated_ms(self, geometry: bool) -> float | None:
+        return self._cost.get(bool(geometry))
+
+    def scale_for(self, geometry: bool) -> float:
+        """The scale an interactive request of this kind renders at (1.0: full size)."""
+        est = self._cost.get(bool(geometry))
+        if not self.enabled or est is None or est <= self.target_ms:
+            return 1.0
+        return max(self.min_scale, min(1.0, math.sqrt(self.target_ms / est)))
+
+    # ------------------------------------------------------------------ requests
+    def interactive(self, dragging: bool = False, now: float | None = None) -> bool:
+        """Whether a request made now counts as part of an interaction."""
+        now = self.clock() if now is None else now
+        return bool(dragging) or now - self._last_request < self.interactive_gap_s
+
+    def request(self, geometry: bool, dragging: bool = False) -> float:
+        """A new render request (the state changed); returns the scale to render it at."""
+        now = self.clock()
+        if not self.interactive(dragging, now) or not self.enabled:
+            scale = 1.0
+        elif geometry:
+            scale = self.scale_for(True)
+        else:
+            scale = self.last_scale  # re-shading: the cached G-buffers' size
+        self._last_request = now
+        self._reduced = scale < 1.0
+        self.last_scale = scale
+        return scale
+
+    def size(self, full: tuple[int, int], scale: float) -> tuple[int, int]:
+        """(width, height) to render at: the height rounded to ``step_px``, the width keeping the aspect (even)."""
+        w, h = int(full[0]), int(full[1])
+        if scale >= 1.0:
+            return (w, h)
+        hr = max(16, int(round(h * scale / self.step_px)) * self.step_px)
+        if hr >= h:
+            return (w, h)
+        wr = max(16, int(round(w * hr / h / 2.0)) * 2)
+        return (min(wr, w), hr)
+
+    @property
+    def refine_pending(self) -> bool:
+        """The newest request was rendered at a reduced size and its full-size render is still owed."""
+        return self._reduced
+
+    def refine_due(self) -> bool:
+        """True once the interaction stopped (no request for ``settle_s``) and a full-size render is owed."""
+        return self._reduced and self.clock() - self._last_request >= self.settle_s
+
+    def refined(self) -> None:
+        """The full-size render was requested."""
+        self._reduced = False
+        self.last_scale = 1.0
+
+    def cancel(self) -> None:
+        """Forget an owed refine (the state is re-requested at full size anyway)."""
+        self._reduced = False

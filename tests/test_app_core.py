@@ -11,7 +11,7 @@ import torch
 
 from app.camera import OrbitController, OrbitState, ViewportNavigator, state_from_camera
 from app.drop import DropHandler, DropQueue, GlfwDropHandler, GlfwEvents, classify_path
-from app.pacing import FpsCounter, FramePacer, MsAverage
+from app.pacing import FpsCounter, FramePacer, MsAverage, ProgressiveResolution
 from app.recorder import VideoRecorder, fit_frame, save_png
 
 
@@ -176,6 +176,55 @@ def test_pacer_renders_only_when_dirty_or_active_and_idles_otherwise():
     assert not p.begin_frame() and p.idle
     p.touch()  # input keeps the loop responsive without rendering
     assert not p.idle and not p.begin_frame()
+
+
+def test_progressive_resolution_reduces_while_interacting_then_refines():
+    clock = FakeClock()
+    p = ProgressiveResolution(clock, target_ms=100.0, min_scale=0.45, interactive_gap_s=0.25, settle_s=0.25)
+    assert p.request(geometry=True) == 1.0 and not p.refine_pending  # nothing measured yet: full size
+    p.report(300.0, 1.0, geometry=True)  # a full-size re-raster takes 300 ms
+    p.report(40.0, 1.0, geometry=False)  # a re-shade 40 ms
+    clock.advance(1.0)
+    assert p.request(geometry=True) == 1.0  # the first change after a pause: not (yet) an interaction
+    clock.advance(0.05)
+    s = p.request(geometry=True)  # the next one 50 ms later: interactive, ~100 ms per frame
+    assert s == pytest.approx(math.sqrt(100.0 / 300.0)) and p.refine_pending
+    assert p.size((256, 256), s) == (144, 144)  # height rounded to 8 px, aspect kept
+    assert p.size((342, 256), s) == (192, 144) and p.size((256, 256), 1.0) == (256, 256)
+    clock.advance(0.05)
+    assert p.request(geometry=False) == s and p.refine_pending  # re-shading keeps the cached G-buffers' size
+    clock.advance(0.05)
+    assert p.request(geometry=True) < 1.0
+    clock.advance(0.2)
+    assert not p.refine_due()  # still within the settle time
+    clock.advance(0.06)
+    assert p.refine_due()  # no request for 260 ms: render once more at full size
+    p.refined()
+    assert not p.refine_pending and not p.refine_due()
+    clock.advance(0.05)
+    p.report(900.0, 1.0, geometry=False)  # even a slow re-shade of full-size G-buffers stays at full size
+    assert p.request(geometry=False) == 1.0 and not p.refine_pending
+    clock.advance(5.0)
+    assert p.request(geometry=True, dragging=True) < 1.0  # an active drag counts as interacting at once
+
+
+def test_progressive_resolution_adapts_to_measured_cost_and_clamps():
+    clock = FakeClock()
+    p = ProgressiveResolution(clock, target_ms=100.0, min_scale=0.45, smoothing=0.0)
+    p.report(2000.0, 1.0, geometry=True)  # very slow: clamped to the minimum scale
+    assert p.scale_for(True) == pytest.approx(0.45)
+    assert p.size((256, 256), 0.45) == (112, 112)
+    p.report(50.0, 0.5, geometry=True)  # 50 ms at half size ~ 200 ms at full size
+    assert p.estimated_ms(True) == pytest.approx(200.0)
+    assert p.scale_for(True) == pytest.approx(math.sqrt(0.5))
+    p.report(80.0, 1.0, geometry=True)  # fast enough at full size
+    assert p.scale_for(True) == 1.0
+    p.report(400.0, 1.0, geometry=True)
+    p.enabled = False  # recording: always full size
+    clock.advance(0.1)
+    p.request(True)
+    clock.advance(0.1)
+    assert p.request(True) == 1.0 and not p.refine_pending
 
 
 # ---------------------------------------------------------------------------------------- recorder

@@ -21,7 +21,7 @@ from app.closing import CHOICES, QUESTION, ExitFlow
 from app.context import AppContext, MessageLog, one_line_error, resolve_checkpoint_path
 from app.drop import DropHandler, GlfwEvents
 from app.lighting import EnvironmentLibrary
-from app.pacing import FpsCounter, FramePacer, MsAverage
+from app.pacing import FpsCounter, FramePacer, MsAverage, ProgressiveResolution
 from app.recorder import VideoRecorder, save_png
 from app.viewer import BACKGROUNDS, RenderWorker, ViewerController, default_device
 from hravatar.render.pipeline import CHANNELS
@@ -87,6 +87,9 @@ class App:
         self.record_max_seconds = 60.0
         self.drop = DropHandler(self.load_environment_file, self.ctx.open_checkpoint, self.ctx.notify)
         self.pacer = FramePacer(max_fps=opts.max_fps)
+        # interactive renders at a reduced size (about 100 ms each), then one at full size when it stops
+        self.progressive = ProgressiveResolution()
+        self._submitted_geometry: tuple | None = None
         self.events = GlfwEvents()
         self.idle_wait_s = 0.25  # idle: wake on input, else 4 frames/s for panels that poll
         self.idle_wait_in_scripts = False  # headless scripts poll every frame: no idle waits unless asked
@@ -444,13 +447,13 @@ class App:
         for level, msg in self.recorder.poll():
             self.ctx.notify(msg, level)
         self.pacer.set_active("auto-rotate", self.viewer.tick(dt))
-        if self.viewer.version != self._submitted:
+        changed = self.viewer.version != self._submitted
+        if changed:
             self.pacer.invalidate()
-        if self.pacer.begin_frame() and self.viewer.version != self._submitted:
-            s = self.viewer.snapshot()
-            if s is not None:
-                self.worker.submit(s)
-                self._submitted = s.version
+        if self.pacer.begin_frame() and changed:
+            self._submit_render(refine=False)
+        elif not changed and self.progressive.refine_due():
+            self._submit_render(refine=True)  # the interaction stopped: the same state at full size
         self._show_latest()
         if self.recorder.state == "recording" and self.shown_frame is not None:
             self.recorder.offer(self.shown_frame.rgb_uint8())
@@ -462,6 +465,31 @@ class App:
         self._update_status()
         while self._old_textures and self._old_textures[0][0] <= self.ui_frames:
             dpg.delete_item(self._old_textures.pop(0)[1])
+
+    def _geometry_key(self) -> tuple:
+        """What the G-buffers depend on (avatar, driving frame, camera, render size): when it changes,
+        a render re-rasterizes instead of only re-shading."""
+        ver = self.viewer.version
+        return (ver[0], ver[2], ver[3], self.viewer.render_size)
+
+    def _submit_render(self, refine: bool) -> None:
+        """Submit the current state: reduced while interacting (see :class:`ProgressiveResolution`), else full size."""
+        v, prog = self.viewer, self.progressive
+        prog.enabled = self.recorder.state != "recording"  # a video gets full-size frames only
+        full = v.render_size
+        geom = self._geometry_key()
+        if refine:
+            size = full
+        else:
+            scale = prog.request(geom != self._submitted_geometry, dragging=v.navigator.dragging)
+            size = prog.size(full, scale)
+        s = v.snapshot(size)
+        if s is None:
+            return
+        self.worker.submit(s)
+        self._submitted, self._submitted_geometry = s.version, geom
+        if size == full:
+            prog.refined()
 
     def _show_latest(self) -> None:
         f = self.worker.latest()
@@ -475,6 +503,9 @@ class App:
         dpg.configure_item("vp_overlay", text="")
         self.display_ms.add((time.perf_counter() - t0) * 1e3)
         self.render_ms.add(f.timings.get("total", 0.0))
+        full_h = self.viewer.render_size[1]
+        if full_h > 0:
+            self.progressive.report(f.timings.get("total", 0.0), f.height / full_h, f.timings.get("raster", 0.0) > 0)
         self.fps.tick(time.perf_counter())
 
     def _sync_toolbar(self) -> None:
@@ -506,12 +537,16 @@ class App:
         self._status_t = now
         v = self.viewer
         w, h = v.render_size
+        f = self.shown_frame
+        size_text = f"{w}x{h}"
+        if f is not None and (f.width, f.height) != (w, h) and f.height < h:
+            size_text = f"{f.width}x{f.height} (interactive)"
         dev = self.device.type.upper()
         backend = self.backend_label()
         fps = self.fps.fps(now)
         fps_text = f"{fps:5.1f} fps" if fps > 0 or not self.fps.total else "idle"
         perf = (f"{fps_text}   render {self.render_ms.value:6.1f} ms   display {self.display_ms.value:4.1f} ms   "
-                f"{v.num_gaussians:,} Gaussians   {dev} ({backend})   {w}x{h}")
+                f"{v.num_gaussians:,} Gaussians   {dev} ({backend})   {size_text}")
         dpg.set_value("status_perf", perf)
         m = self.messages.latest()
         if m is not None:
@@ -562,7 +597,8 @@ class App:
                 self.ui_frames += 1
                 t_end = time.perf_counter()
                 self.ui_ms.add((t_end - now) * 1e3)
-                if self.worker.busy or self.library.busy or self.viewer.navigator.dragging or self.ctx.loading_checkpoint:
+                if (self.worker.busy or self.library.busy or self.viewer.navigator.dragging or self.ctx.loading_checkpoint
+                        or self.progressive.refine_pending):
                     self.pacer.touch()
                 if self.pacer.idle and self.events.available and (script is None or self.idle_wait_in_scripts):
                     self.events.wait(self.idle_wait_s)  # returns at once on input (or a wake())
