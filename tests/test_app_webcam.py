@@ -31,13 +31,8 @@ from hravatar.head.lbs import axis_angle_to_matrix
 from hravatar.track.fit import estimate_camera, project
 from hravatar.track.landmarks import Detection
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small per-frame tensors: one thread is fastest, and avoids OpenMP stalls on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small per-frame tensors: one thread is fastest, and avoids OpenMP stalls on a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SPECS = (((), 0.0), (("mouthSmile_L=0.8", "mouthSmile_R=0.8"), 0.0), ((), 0.25), ((), 0.0))

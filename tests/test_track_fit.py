@@ -29,13 +29,8 @@ from hravatar.track.fit import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small per-frame tensors: one thread is fastest, and avoids OpenMP stalls on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small per-frame tensors: one thread is fastest, and avoids OpenMP stalls on a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
