@@ -41,7 +41,8 @@ from hravatar.shading import (
     write_hdr,
 )
 from hravatar.shading.brdf import ggx_ndf, integrate_split_sum, smith_g1_schlick
-from hravatar.shading.cubemap import cube_from_function, latlong_solid_angle
+from hravatar.shading.cubemap import cube_from_function, cube_texel_solid_angle, latlong_solid_angle
+from hravatar.shading.sh import irradiance_sh9, project_cube_sh, sh_basis
 from hravatar.shading.envmap_io import encode_hdr
 from hravatar.shading.tonemap import TONEMAP_OPERATORS
 
@@ -428,7 +429,7 @@ def test_shade_reflects_a_bright_light_in_the_mirror_direction():
 
 
 # ============================================================================ learned lighting
-@pytest.mark.parametrize("mode", ["direct", "derived"])
+@pytest.mark.parametrize("mode", ["direct", "derived", "sh"])
 def test_learned_lighting_gradients(mode):
     light = LearnedLighting(mode=mode, samples=8)
     env = light.environment()
@@ -441,8 +442,11 @@ def test_learned_lighting_gradients(mode):
     out["rgb"].mean().backward()
     grads = [p.grad for p in light.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads if g is not None)
-    if mode == "direct":
-        assert light.irradiance_raw.grad.abs().sum() > 0
+    if mode == "sh":
+        assert light.irradiance_sh.grad.abs().sum() > 0
+    if mode in ("direct", "sh"):
+        if mode == "direct":
+            assert light.irradiance_raw.grad.abs().sum() > 0
         # rough 0.7 -> level 2.1: levels 2 and 3 are used, the mirror level is not
         assert light.specular_raw[2].grad.abs().sum() > 0 and light.specular_raw[3].grad.abs().sum() > 0
         assert light.specular_raw[0].grad is None or light.specular_raw[0].grad.abs().sum() == 0
@@ -450,10 +454,11 @@ def test_learned_lighting_gradients(mode):
         assert light.base_raw.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", ["direct", "sh"])
 @pytest.mark.parametrize("activation", ["sigmoid", "softplus", "exp"])
-def test_learned_lighting_init_from(activation):
+def test_learned_lighting_init_from(activation, mode):
     target = constant_environment((0.3, 0.6, 0.9), irr_res=8, spec_res=16, num_levels=5)
-    light = LearnedLighting(activation=activation)
+    light = LearnedLighting(activation=activation, mode=mode)
     light.init_from(target)
     env = light.environment()
     for m in [env.irradiance, *env.specular]:
@@ -474,6 +479,49 @@ def test_learned_lighting_derived_init_from_real_environment():
         assert ((a - b).abs().mean() / b.abs().mean()) < 0.1
     a, b = sample_cube(env.irradiance, n), sample_cube(target.irradiance, n)
     assert ((a - b).abs().mean() / b.abs().mean()) < 0.1
+
+
+def test_sh_basis_order2_matches_the_closed_form_polynomials():
+    d = _unit(100, seed=2)
+    x, y, z = d.unbind(-1)
+    c0, c1, c2 = 0.5 / math.sqrt(math.pi), math.sqrt(3 / (4 * math.pi)), math.sqrt(15 / (4 * math.pi))
+    ref = torch.stack([torch.full_like(x, c0), c1 * y, c1 * z, c1 * x, c2 * x * y, c2 * y * z,
+                       math.sqrt(5 / (16 * math.pi)) * (3 * z * z - 1), c2 * x * z,
+                       math.sqrt(15 / (16 * math.pi)) * (x * x - y * y)], -1)
+    torch.testing.assert_close(sh_basis(d, 2), ref)
+
+
+@pytest.mark.parametrize("order", [2, 4])
+def test_sh_basis_is_orthonormal_on_the_sphere(order):
+    # integrate Y_i Y_j over a fine cube map with exact texel solid angles
+    d = cube_dirs(64, dtype=torch.float64)
+    w = cube_texel_solid_angle(64, dtype=torch.float64)
+    y = sh_basis(d, order)
+    gram = torch.einsum("fijk,fijl,fij->kl", y, y, w)
+    torch.testing.assert_close(gram, torch.eye((order + 1) ** 2, dtype=torch.float64), atol=3e-3, rtol=0)
+
+
+def test_sh9_irradiance_matches_closed_form_for_a_linear_radiance():
+    # L(w) = a + b.w is in the span of bands 0-1; its cosine-weighted mean over the hemisphere
+    # around n is E(n)/pi = a + (2/3) b.n (analytic), which the SH route must reproduce exactly.
+    a, b = 0.7, torch.tensor([0.1, -0.2, 0.25], dtype=torch.float64)
+    rad = cube_from_function(lambda dd: (a + dd @ b)[..., None], 48, dtype=torch.float64)
+    coeffs = irradiance_sh9(project_cube_sh(rad, 2))
+    n = _unit(200, seed=3)
+    e = sh_basis(n, 2) @ coeffs / math.pi
+    torch.testing.assert_close(e[:, 0], a + (2.0 / 3.0) * (n @ b), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize(("env", "order", "tol"), [("overcast", 2, 0.03), ("sunset", 4, 0.08)])
+def test_learned_lighting_sh_irradiance_fits_real_irradiance(env, order, tol):
+    ll = make_builtin_environment(env, 128)
+    target = prefilter_latlong(ll, spec_res=32, num_levels=4, irr_res=16, samples=64)
+    light = LearnedLighting(mode="sh", activation="softplus", sh_order=order)
+    light.init_from(target)
+    n = _unit(300, seed=13).float()
+    a, b = sample_cube(light.environment().irradiance, n), sample_cube(target.irradiance, n)
+    assert ((a - b).abs().mean() / b.abs().mean()) < tol
+    assert set(light.state_dict()) >= {"irradiance_sh"} and "_irr_basis" not in light.state_dict()
 
 
 # ============================================================================ env map files

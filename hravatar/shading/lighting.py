@@ -13,6 +13,12 @@ Two parameterisations (``mode``):
     call, differentiable) and the irradiance its cosine convolution. Fewer unknowns and
     physically consistent levels (so relighting-style edits of roughness stay plausible), at
     the price of a few milliseconds per call.
+``"sh"``: the specular levels are free texels as in ``"direct"``, but the irradiance is
+    band-limited: activation(spherical harmonics of the normal up to band ``sh_order``),
+    (sh_order + 1)^2 coefficients per channel. Real irradiance is this smooth (see :mod:`hravatar.shading.sh`); free texels let
+    directions that the training views rarely see (the crown's normals, the sun side at
+    grazing angles) take values unrelated to their neighbours, which the albedo then absorbs
+    and relighting exposes.
 
 Texels are stored through an activation: ``"sigmoid"`` (the method's default; LDR, radiance in
 (0, 1)), ``"softplus"`` or ``"exp"`` (HDR, unbounded).
@@ -24,9 +30,10 @@ from torch import Tensor, nn
 
 from .cubemap import cube_dirs, cube_to_latlong, resample_cube, sample_cube
 from .prefilter import Environment, prefilter_cube, specular_resolutions
+from .sh import project_cube_sh, sh_basis
 
 ACTIVATIONS = ("sigmoid", "softplus", "exp")
-MODES = ("direct", "derived")
+MODES = ("direct", "derived", "sh")
 
 
 def apply_activation(x: Tensor, activation: str) -> Tensor:
@@ -64,6 +71,7 @@ class LearnedLighting(nn.Module):
         mode: "direct" | "derived" (see the module doc).
         init_value: initial constant radiance.
         samples: GGX samples per texel of level 1 of the derived prefilter.
+        sh_order: highest SH band of the "sh" irradiance.
     """
 
     def __init__(
@@ -75,6 +83,7 @@ class LearnedLighting(nn.Module):
         mode: str = "direct",
         init_value: float = 0.5,
         samples: int = 32,
+        sh_order: int = 2,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -86,21 +95,34 @@ class LearnedLighting(nn.Module):
         self.irr_res = irr_res
         self.num_levels = num_levels
         self.samples = samples
+        self.sh_order = sh_order
         self.spec_res = specular_resolutions(spec_res, num_levels, min_res=1)
         raw = float(inverse_activation(torch.tensor(init_value), activation))
-        if mode == "direct":
-            self.irradiance_raw = nn.Parameter(torch.full((6, irr_res, irr_res, 3), raw))
+        if mode in ("direct", "sh"):
+            if mode == "direct":
+                self.irradiance_raw = nn.Parameter(torch.full((6, irr_res, irr_res, 3), raw))
+            else:
+                basis = sh_basis(cube_dirs(irr_res), sh_order)
+                sh = torch.zeros(basis.shape[-1], 3)
+                sh[0] = raw / float(basis[0, 0, 0, 0])  # the constant function = raw
+                self.irradiance_sh = nn.Parameter(sh)
+                # basis at the irradiance texels, rebuilt on load (not part of the state)
+                self.register_buffer("_irr_basis", basis, persistent=False)
             self.specular_raw = nn.ParameterList([nn.Parameter(torch.full((6, r, r, 3), raw)) for r in self.spec_res])
         else:
             self.base_raw = nn.Parameter(torch.full((6, self.spec_res[0], self.spec_res[0], 3), raw))
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, activation={self.activation}, irr_res={self.irr_res}, spec_res={self.spec_res}"
+        sh = f", sh_order={self.sh_order}" if self.mode == "sh" else ""
+        return f"mode={self.mode}, activation={self.activation}, irr_res={self.irr_res}, spec_res={self.spec_res}{sh}"
 
     def environment(self) -> Environment:
         """The current lighting as an :class:`Environment` (differentiable w.r.t. the parameters)."""
-        if self.mode == "direct":
-            irr = apply_activation(self.irradiance_raw, self.activation)
+        if self.mode in ("direct", "sh"):
+            if self.mode == "direct":
+                irr = apply_activation(self.irradiance_raw, self.activation)
+            else:
+                irr = apply_activation(self._irr_basis @ self.irradiance_sh, self.activation)
             spec = [apply_activation(p, self.activation) for p in self.specular_raw]
             return Environment(irr, spec, "learned")
         base = apply_activation(self.base_raw, self.activation)
@@ -114,9 +136,13 @@ class LearnedLighting(nn.Module):
         """
         dev = next(self.parameters()).device
         env = env.to(dev)
-        if self.mode == "direct":
+        if self.mode in ("direct", "sh"):
             d = cube_dirs(self.irr_res, device=dev)
-            self.irradiance_raw.copy_(inverse_activation(sample_cube(env.irradiance, d), self.activation))
+            raw_irr = inverse_activation(sample_cube(env.irradiance, d), self.activation)
+            if self.mode == "direct":
+                self.irradiance_raw.copy_(raw_irr)
+            else:
+                self.irradiance_sh.copy_(project_cube_sh(raw_irr, self.sh_order))
             for l, p in enumerate(self.specular_raw):
                 rough = l / max(self.num_levels - 1, 1)
                 d = cube_dirs(self.spec_res[l], device=dev)
