@@ -389,3 +389,31 @@ def test_meta_head_spec_backward_compatible():
     assert DatasetMeta.from_json(d).head_spec is None
     d2 = replace(meta, head_spec="ict:/data/ict").to_json()
     assert DatasetMeta.from_json(d2).head_spec == "ict:/data/ict"
+
+
+def test_fit_video_end_to_end_and_rerun(face_video, tmp_path):
+    """``hravatar fit``'s pipeline: preprocess -> train -> eval.json (eval keys, last 20% held out)
+    -> strip + preview video; running it again reuses the dataset and the finished run."""
+    from hravatar.avatar.config import AvatarConfig
+    from hravatar.fit import fit_video
+    from hravatar.train.config import DensifySettings, TrainConfig
+
+    cfg = TrainConfig(profile="test", resolution=64, iterations=4, albedo_warmup=0, encoder=False, checkpoint_every=4,
+                      eval_every=1000, eval_frames=1, preview_every=1000, log_every=2,
+                      avatar=AvatarConfig(num_gaussians=1500, init_mode="surface"), densify=DensifySettings(start=1000))
+    run = tmp_path / "run"
+    stages: set[str] = set()
+    res = fit_video(face_video, run, cfg, "cpu", PreprocessConfig(**{**FAST, "res": 64}),
+                    progress=lambda s, d, t: stages.add(s))
+    assert {"detect", "track"} <= stages
+    saved = json.loads((run / "eval.json").read_text())
+    assert {"psnr", "ssim", "mae100", "lpips"} <= set(saved)
+    assert saved["psnr"] == pytest.approx(res["psnr"]) and 5.0 < saved["psnr"] < 60.0
+    assert saved["frames"] == 2  # 12 frames, the last 20% (2) held out
+    assert (run / "eval_strip.png").stat().st_size > 0 and (run / "preview.mp4").stat().st_size > 1000
+    stamp = (run / "dataset" / "dataset.json").stat().st_mtime_ns
+    stages.clear()
+    again = fit_video(face_video, run, cfg, "cpu", PreprocessConfig(**{**FAST, "res": 64}),
+                      progress=lambda s, d, t: stages.add(s))
+    assert stages == set() and (run / "dataset" / "dataset.json").stat().st_mtime_ns == stamp
+    assert again["psnr"] == pytest.approx(res["psnr"], abs=1e-4)
