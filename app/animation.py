@@ -180,7 +180,49 @@ class Keyframe:
     values: np.ndarray
 
 
-class Timeline:
+class PlayheadControls:
+    """Play / pause / stop / seek / loop of an object's ``playhead`` (:class:`Playhead`), shared
+    by the keyframe :class:`Timeline` and the sequence player; ``stop`` rewinds to
+    ``_start_time()``."""
+
+    playhead: Playhead
+
+    @property
+    def playing(self) -> bool:
+        return self.playhead.playing
+
+    @property
+    def loop(self) -> bool:
+        return self.playhead.loop
+
+    @loop.setter
+    def loop(self, on: bool) -> None:
+        self.playhead.loop = bool(on)
+
+    def play(self) -> None:
+        self.playhead.play()
+
+    def pause(self) -> None:
+        self.playhead.pause()
+
+    def _start_time(self) -> float:
+        return 0.0
+
+    def stop(self) -> None:
+        """Pause and rewind to the start."""
+        self.playhead.pause()
+        self.playhead.seek(self._start_time())
+
+    def seek(self, t: float) -> None:
+        """Jump to ``t`` seconds."""
+        self.playhead.seek(t)
+
+    def now(self) -> float:
+        """Current playback time in seconds."""
+        return self.playhead.now()
+
+
+class Timeline(PlayheadControls):
     """Keyframes over a parameter vector with smooth interpolation and clock-driven playback.
 
     Args:
@@ -371,35 +413,8 @@ class Timeline:
         return self.to_frame(self.evaluate(t))
 
     # ---------------------------------------------------------------- playback
-    @property
-    def playing(self) -> bool:
-        return self.playhead.playing
-
-    @property
-    def loop(self) -> bool:
-        return self.playhead.loop
-
-    @loop.setter
-    def loop(self, on: bool) -> None:
-        self.playhead.loop = bool(on)
-
-    def play(self) -> None:
-        self.playhead.play()
-
-    def pause(self) -> None:
-        self.playhead.pause()
-
-    def stop(self) -> None:
-        """Pause and rewind to the first key."""
-        self.playhead.pause()
-        self.playhead.seek(self.bounds()[0])
-
-    def seek(self, t: float) -> None:
-        self.playhead.seek(t)
-
-    def now(self) -> float:
-        """Current playback time in seconds."""
-        return self.playhead.now()
+    def _start_time(self) -> float:
+        return self.bounds()[0]
 
     def current_values(self) -> np.ndarray:
         """[D] values at the current playback time."""

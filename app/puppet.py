@@ -25,7 +25,7 @@ import torch
 
 from hravatar.avatar.gaussians import FrameParams
 
-from .animation import Playhead, Timeline
+from .animation import Playhead, PlayheadControls, Timeline
 
 #: ARKit blendshape stems (lower case, side suffix removed): their weights live in [0, 1].
 ARKIT_STEMS = frozenset({
@@ -289,7 +289,7 @@ class ParameterSpace:
         return self.values.copy()
 
 
-class SequencePlayer:
+class SequencePlayer(PlayheadControls):
     """Plays a tracked sequence (``bundle.sequence``, B = T frames) at ``fps``, loop or once.
 
     Frame ``i`` is shown for times [i / fps, (i + 1) / fps); ``clock`` is the time source.
@@ -313,37 +313,8 @@ class SequencePlayer:
     def duration(self) -> float:
         return self.num_frames / self.fps
 
-    @property
-    def playing(self) -> bool:
-        return self.playhead.playing
-
-    @property
-    def loop(self) -> bool:
-        return self.playhead.loop
-
-    @loop.setter
-    def loop(self, on: bool) -> None:
-        self.playhead.loop = bool(on)
-
-    def play(self) -> None:
-        self.playhead.play()
-
-    def pause(self) -> None:
-        self.playhead.pause()
-
-    def stop(self) -> None:
-        self.playhead.pause()
-        self.playhead.seek(0.0)
-
-    def seek(self, t: float) -> None:
-        """Jump to ``t`` seconds."""
-        self.playhead.seek(t)
-
     def seek_frame(self, i: int) -> None:
         self.playhead.seek((int(i) % self.num_frames) / self.fps)
-
-    def now(self) -> float:
-        return self.playhead.now()
 
     def frame_index(self, t: float | None = None) -> int:
         """Index of the frame shown at ``t`` (default: now)."""
