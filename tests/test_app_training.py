@@ -209,6 +209,10 @@ def test_reattach_to_a_run_left_running(tmp_path):
             "path=run + '/avatar.safetensors')) + '\\n')\n")
     proc = subprocess.Popen([sys.executable, "-c", code, "hravatar.cli.main", str(run)])
     try:
+        # Popen can return while the child is still inside exec (vfork), before the kernel shows
+        # its new command line; a session re-attaching later never sees that window.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline")
+        assert _wait_for(lambda: b"hravatar.cli.main" in cmdline.read_bytes(), 10)
         evs = [_ev("start", 0, total=10, num_gaussians=5), _iter(3)]
         (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evs))
         (run / "train.pid").write_text(f"{proc.pid}\n")
