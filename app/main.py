@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="render device (default: CUDA when available)")
     p.add_argument("--size", default="1440x900", help="window size WxH")
     p.add_argument("--max-fps", type=float, default=60.0, help="cap of the UI loop while something changes")
+    p.add_argument("--no-progressive", action="store_true",
+                   help="always render at full size (no reduced-size frames while a slider moves)")
     p.add_argument("--tab", choices=TAB_KEYS, default="view", help="side-bar tab shown at start (and in --screenshot)")
     p.add_argument("--train-run", default=None, metavar="DIR",
                    help="Train tab: follow this run folder (plots, previews; re-attaches to a run still training)")
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if torch.cuda.is_available():
             max_fps = 1000.0  # a GPU renders faster than a monitor refreshes: do not cap the measurement
-    opts = AppOptions(args.checkpoint, args.envmap, args.res, w, h, args.device, max_fps, args.tab)
+    opts = AppOptions(args.checkpoint, args.envmap, args.res, w, h, args.device, max_fps, args.tab,
+                      progressive=not args.no_progressive)
     try:
         app = App(opts)
     except StartupError as e:
@@ -440,7 +443,7 @@ def bench_script(app, n: int, slider: str, json_path: str | None):
         "slider": slider,
         "render_size": [w, h],
         "device": str(app.device),
-        "backend": v.renderer.backend,
+        "backend": app.backend_label(),
         "gaussians": v.num_gaussians,
         "render_ms_mean": interactive_render_ms,
         "internal_sizes": sizes,

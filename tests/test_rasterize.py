@@ -411,11 +411,84 @@ def test_make_test_scene_is_head_like():
     assert 0.35 < d.min().item() and d.max().item() < 0.65
 
 
+# ----------------------------------------------------------------------------- numba kernel
+
+needs_numba = pytest.mark.skipif(
+    not __import__("hravatar.render.numba_raster", fromlist=["x"]).numba_available(), reason="numba not installed"
+)
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "seed,n,width,height,tile",
+    [(0, 30, 64, 48, 16), (2, 200, 64, 48, 16), (3, 120, 61, 47, 16), (4, 150, 64, 48, 8), (8, 400, 40, 72, 16)],
+)
+def test_numba_pass_matches_bruteforce_reference_and_torch_pass(seed, n, width, height, tile):
+    scene = _scene(seed, n, width, height)
+    with torch.no_grad():
+        fast = rasterize_torch(**scene, tile_size=tile, trace="numba")
+        slow = rasterize_torch(**scene, tile_size=tile)
+        ref = rasterize_reference(**scene, tile_size=tile)
+    for key in ("features", "depth", "alpha"):
+        assert (getattr(fast, key) - getattr(ref, key)).abs().max().item() < 1e-4, key
+        assert (getattr(fast, key) - getattr(slow, key)).abs().max().item() < 1e-5, key
+
+
+@needs_numba
+def test_numba_termination_and_empty_inputs():
+    n = 5
+    cam = Camera(torch.eye(4), torch.tensor([[40.0, 0, 7.5], [0, 40.0, 7.5], [0, 0, 1]]), 16, 16)
+    means = torch.tensor([[0.0, 0.0, 1.0 + 0.1 * i] for i in range(n)])
+    feats = torch.arange(1, n + 1, dtype=torch.float32)[:, None]
+    args = (means, torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1), torch.full((n, 3), 1e-5), torch.full((n,), 0.995), feats, cam)
+    out = rasterize_torch(*args, trace="numba")
+    # only the first layer: the second would bring T to 2.5e-5 <= 1e-4
+    assert out.alpha[7, 7, 0].item() == pytest.approx(0.995, abs=1e-6)
+    assert out.features[7, 7, 0].item() == pytest.approx(0.995, abs=1e-6)
+    empty = (torch.zeros(0, 3), torch.zeros(0, 4), torch.zeros(0, 3), torch.zeros(0), torch.zeros(0, 2), _camera())
+    assert torch.all(rasterize_torch(*empty, trace="numba").alpha == 0)
+    feats0 = torch.zeros(0, 2, requires_grad=True)
+    rasterize_torch(*empty[:4], feats0, _camera(), trace="numba").features.sum().backward()
+    assert feats0.grad.shape == (0, 2)
+
+
+@needs_numba
+def test_numba_pass_gives_the_same_gradients():
+    """With grad, the compiled pass only collects the contributing pairs; the analytic
+    backward is shared, so the gradients must equal the torch pass's."""
+    scene = _scene(5, 200)
+    wts = _loss_weights(scene)
+    grads = []
+    for trace in ("torch", "numba"):
+        p = _with_grad(scene)
+        out = rasterize_torch(**p, trace=trace)
+        out.means2d.retain_grad()
+        _loss(out, wts).backward()
+        grads.append([p[k].grad for k in PARAMS] + [out.means2d.grad])
+    for k, g1, g2 in zip((*PARAMS, "means2d"), *grads):
+        assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-6), k
+
+
+def test_unknown_trace_kernel_is_refused():
+    with pytest.raises(ValueError, match="unknown trace kernel"):
+        rasterize_torch(**_scene(0, 30), trace="simd")
+
+
 # ----------------------------------------------------------------------------- backends
 
 
 def test_select_backend(monkeypatch):
+    from hravatar.render import numba_raster
+
+    monkeypatch.setattr(numba_raster, "numba_available", lambda: False)
     assert select_backend("cpu") == "torch"
+    with pytest.raises(RuntimeError, match="numba is not installed"):
+        select_backend("cpu", "numba")
+    monkeypatch.setattr(numba_raster, "numba_available", lambda: True)
+    assert select_backend("cpu") == "numba" and select_backend("cpu", "numba") == "numba"
+    with pytest.raises(RuntimeError, match="runs on the CPU"):
+        select_backend("cuda", "numba")
+    monkeypatch.setattr(numba_raster, "numba_available", lambda: False)
     assert select_backend(torch.device("cpu"), "torch") == "torch"
     assert select_backend("cuda", "torch") == "torch"
     with pytest.raises(ValueError, match="unknown rasterizer backend"):

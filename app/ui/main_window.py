@@ -59,6 +59,7 @@ class AppOptions:
     max_fps: float = 60.0
     tab: str = "view"
     title: str = "hravatar"
+    progressive: bool = True  # reduced-size renders while a slider moves (see ProgressiveResolution)
 
 
 class App:
@@ -88,7 +89,8 @@ class App:
         self.drop = DropHandler(self.load_environment_file, self.ctx.open_checkpoint, self.ctx.notify)
         self.pacer = FramePacer(max_fps=opts.max_fps)
         # interactive renders at a reduced size (about 100 ms each), then one at full size when it stops
-        self.progressive = ProgressiveResolution()
+        self.progressive = ProgressiveResolution(enabled=opts.progressive)
+        self.progressive_allowed = opts.progressive
         self._submitted_geometry: tuple | None = None
         self.events = GlfwEvents()
         self.idle_wait_s = 0.25  # idle: wake on input, else 4 frames/s for panels that poll
@@ -475,7 +477,8 @@ class App:
     def _submit_render(self, refine: bool) -> None:
         """Submit the current state: reduced while interacting (see :class:`ProgressiveResolution`), else full size."""
         v, prog = self.viewer, self.progressive
-        prog.enabled = self.recorder.state != "recording"  # a video gets full-size frames only
+        # a video gets full-size frames only
+        prog.enabled = self.progressive_allowed and self.recorder.state != "recording"
         full = v.render_size
         geom = self._geometry_key()
         if refine:
@@ -554,15 +557,13 @@ class App:
             dpg.configure_item("status_msg", color=LEVEL_COLOURS.get(m.level, MUTED))
 
     def backend_label(self) -> str:
-        """The rasterizer actually used ("auto" resolves to gsplat on CUDA when it is installed)."""
-        b = self.viewer.renderer.backend
-        if b != "auto":
-            return b
-        if self.device.type == "cuda":
-            import importlib.util
+        """The rasterizer actually used ("auto": gsplat on CUDA, numba on the CPU when installed)."""
+        from hravatar.render.rasterize import select_backend
 
-            return "gsplat" if importlib.util.find_spec("gsplat") else "torch"
-        return "torch"
+        try:
+            return select_backend(self.device, self.viewer.renderer.backend)
+        except (RuntimeError, ValueError):
+            return self.viewer.renderer.backend
 
     # ------------------------------------------------------------------ the loop
     def run(self, script: Iterator | None = None, timeout_s: float = 900.0) -> int:

@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--channel", default="shaded", choices=CHANNELS)
     r.add_argument("--res", type=int, default=512)
     r.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    r.add_argument("--backend", default="auto", choices=["auto", "torch", "gsplat"])
+    r.add_argument("--backend", default="auto", choices=["auto", "torch", "numba", "gsplat"])
     r.add_argument("--rough-scale", type=float, default=1.0, help="roughness scale s_r")
     r.add_argument("--f0-edit", type=float, default=0.0, help="F0 edit s_f in [0,1]")
     r.add_argument("--tint", type=float, nargs=3, default=(1.0, 1.0, 1.0), help="albedo tint RGB")
@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time deform / raster / shade and write JSON")
     b.add_argument("--device", default="auto")
-    b.add_argument("--backend", default="auto", choices=["auto", "torch", "gsplat"])
+    b.add_argument("--backend", default="auto", choices=["auto", "torch", "numba", "gsplat"])
     b.add_argument("--gaussians", type=int, nargs="+", default=[20000])
     b.add_argument("--res", type=int, nargs="+", default=[256])
     b.add_argument("--reps", type=int, default=10)

@@ -57,7 +57,7 @@ def render_gbuffers(g: DeformedGaussians, camera: Camera, frame_index: int = 0, 
     Args:
         g: deformed Gaussians (means [B,N,3], ...); frame ``frame_index`` is rendered.
         camera: the view.
-        backend: rasterizer backend ("auto", "torch", "gsplat").
+        backend: rasterizer backend ("auto", "torch", "numba", "gsplat").
     Returns:
         :class:`GBuffers`.
     """

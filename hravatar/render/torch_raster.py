@@ -646,6 +646,7 @@ def rasterize_torch(
     eps2d: float = 0.3,
     tile_size: int = 16,
     max_pairs: int = DEFAULT_MAX_PAIRS,
+    trace: str = "torch",
 ) -> RasterOutput:
     """Rasterize with the pure-PyTorch backend; same contract as ``rasterize_gaussians``.
 
@@ -653,6 +654,8 @@ def rasterize_torch(
         means: [N, 3]; quats: [N, 4] (w, x, y, z); scales: [N, 3] linear; opacities: [N];
         features: [N, C]; camera: :class:`Camera`.
         max_pairs: memory bound, the number of candidate (pixel, Gaussian) pairs expanded at once.
+        trace: front-to-back pass: "torch" (:func:`trace_pairs`) or "numba" (the compiled
+            :func:`hravatar.render.numba_raster.trace_tiles`, CPU tensors; same images).
     Returns:
         :class:`RasterOutput` (features [H, W, C], depth [H, W, 1], alpha [H, W, 1], ...).
     """
@@ -672,11 +675,17 @@ def rasterize_torch(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*cols, featext))
     with torch.no_grad():
         dcols = tuple(c.detach().contiguous() for c in cols)
-        if not needs_grad:
-            image, _, _ = trace_pairs(dcols, levels, featext.detach(), gids, sub, W, H, max_pairs)
+        fe = None if needs_grad else featext.detach()
+        if trace == "numba":
+            from .numba_raster import trace_tiles
+
+            image, kg, kp = trace_tiles(dcols, fe, gids, sub, W, H, tile_size)
+        elif trace == "torch":
+            image, kg, kp = trace_pairs(dcols, levels, fe, gids, sub, W, H, max_pairs)
         else:
-            _, kg, kp = trace_pairs(dcols, levels, None, gids, sub, W, H, max_pairs)
-            pairs = build_pair_list(kg, kp, W * H)
+            raise ValueError(f"unknown trace kernel '{trace}' (torch or numba)")
+        if needs_grad:
+            pairs = build_pair_list(kg.to(dev), kp.to(dev), W * H)
     if needs_grad:
         image = composite_pairs(cols, featext, pairs, W)
     image = image.view(H, W, -1)

@@ -33,6 +33,10 @@ class LossConfig:
     rough_tv: float = 0.02
     albedo_smooth: float = 0.0  # extra (not in the method): edge-aware albedo smoothness, see losses.edge_aware_smoothness
     alpha_mask: float = 0.0  # optional extra: L1 between rendered alpha and the foreground mask
+    # "black": compare renders and frames over black (the method). "random": a random uniform
+    # colour behind both each iteration, so opaque Gaussians outside the silhouette cost pixels
+    # even where the training light leaves them dark
+    background: str = "black"
 
 
 @dataclass

@@ -105,6 +105,8 @@ class Trainer:
             self.deform_mlp = SharedDeformMLP(self.avatar.num_expr).to(self.device)
         elif config.deformation not in ("learnable", "fixed"):
             raise ValueError(f"unknown deformation '{config.deformation}' (learnable, fixed, mlp or mesh)")
+        if config.loss.background not in ("black", "random"):
+            raise ValueError(f"unknown training background '{config.loss.background}' (black or random)")
         from hravatar.shading import load_brdf_lut
 
         self.brdf_lut = load_brdf_lut(self.device)
@@ -238,6 +240,11 @@ class Trainer:
         self.encoder.train()
         return True
 
+    def _background(self, it: int) -> Tensor:
+        """[3] training background colour of iteration ``it`` (reproducible across resumes)."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + it)
+        return torch.rand(3, generator=g).to(self.device)
+
     def train_step(self) -> dict[str, float]:
         it = self.iteration
         cfg = self.cfg
@@ -250,8 +257,13 @@ class Trainer:
         gb = out["gb"]
         info = gb.raster.info()
         self.strategy.step_pre_backward(self.avatar.params, self.optimizers, self.strategy_state, it, info)
-        gt = s.image.to(self.device)
-        loss, logs = photometric_loss(out["rgb"], gt, cfg.loss.l1, cfg.loss.dssim)
+        image = s.image.to(self.device)
+        gt, pred = image, out["rgb"]
+        if cfg.loss.background == "random":
+            bg = self._background(it)
+            pred = pred + (1 - gb.alpha) * bg
+            gt = gt + (1 - s.mask.to(self.device)) * bg  # frames are foreground over black (premultiplied)
+        loss, logs = photometric_loss(pred, gt, cfg.loss.l1, cfg.loss.dssim)
         if enc is not None and cfg.loss.jaw > 0:
             lj = jaw_loss(enc["jaw"], s.params.pose[:, 2].to(self.device))
             loss = loss + cfg.loss.jaw * lj
@@ -266,7 +278,7 @@ class Trainer:
             loss = loss + cfg.loss.rough_tv * tv
             logs["rough_tv"] = tv.detach()
         if cfg.loss.albedo_smooth > 0 and cfg.shading == "pbr":
-            las = edge_aware_smoothness(gb.albedo, gt, s.mask.to(self.device))
+            las = edge_aware_smoothness(gb.albedo, image, s.mask.to(self.device))
             loss = loss + cfg.loss.albedo_smooth * las
             logs["albedo_smooth"] = las.detach()
         if cfg.loss.albedo > 0 and s.albedo is not None and it % cfg.loss.albedo_every == 0:
