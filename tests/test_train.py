@@ -100,6 +100,29 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_dataset, tmp_path):
     assert abs(full.quick_eval()["psnr"] - resumed.quick_eval()["psnr"]) < 0.2
 
 
+def test_random_background_composites_render_and_frame_over_the_same_colour(tiny_dataset, tmp_path, monkeypatch):
+    root, head = tiny_dataset
+    from hravatar.train.config import LossConfig
+    import hravatar.train.trainer as T
+
+    with pytest.raises(ValueError, match="training background 'grey'"):
+        Trainer(root, tmp_path / "bad", _cfg(4, loss=LossConfig(background="grey")), head=head)
+    tr = Trainer(root, tmp_path / "r", _cfg(4, loss=LossConfig(background="random")), head=head)
+    seen = []
+    real = T.photometric_loss
+    monkeypatch.setattr(T, "photometric_loss", lambda pred, gt, *a: seen.append((pred.detach(), gt)) or real(pred, gt, *a))
+    tr.train_step()
+    tr.train_step()
+    bg0, bg1 = tr._background(0), tr._background(1)
+    assert not torch.allclose(bg0, bg1) and torch.equal(bg0, tr._background(0))  # per iteration, reproducible
+    for (pred, gt), bg in zip(seen, (bg0, bg1)):
+        # the tiny frames are black outside the mask: there the target is exactly the colour
+        corner = gt[0, 0]
+        assert torch.allclose(corner, bg, atol=1e-6)
+        # the render of an empty corner is the background too (alpha ~ 0 there)
+        assert torch.allclose(pred[0, 0], bg, atol=1e-3)
+
+
 def test_nan_stops_cleanly_and_keeps_checkpoint(tiny_dataset, tmp_path, monkeypatch):
     root, head = tiny_dataset
     tr = Trainer(root, tmp_path / "r", _cfg(30), head=head)
