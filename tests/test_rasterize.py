@@ -454,8 +454,8 @@ def test_numba_termination_and_empty_inputs():
 
 @needs_numba
 def test_numba_pass_gives_the_same_gradients():
-    """With grad, the compiled pass only collects the contributing pairs; the analytic
-    backward is shared, so the gradients must equal the torch pass's."""
+    """The compiled backward (a forward-order walk using <out, grad_out> for the suffix sums)
+    against the torch pass's analytic backward, itself checked against autograd of the reference."""
     scene = _scene(5, 200)
     wts = _loss_weights(scene)
     grads = []
@@ -466,7 +466,9 @@ def test_numba_pass_gives_the_same_gradients():
         _loss(out, wts).backward()
         grads.append([p[k].grad for k in PARAMS] + [out.means2d.grad])
     for k, g1, g2 in zip((*PARAMS, "means2d"), *grads):
-        assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-6), k
+        # float32 sums in another order: compare against the gradient's scale
+        assert (g1 - g2).abs().max() <= 2e-5 * g1.abs().max(), k
+        assert g1.abs().max() > 0, k
 
 
 def test_unknown_trace_kernel_is_refused():

@@ -1,10 +1,11 @@
 """Compiled CPU kernel for the front-to-back pass of the torch rasterizer (numba, optional).
 
-:func:`trace_tiles` does what :func:`hravatar.render.torch_raster.trace_pairs` does, with the
-same image formation (alpha test, 0.999 clamp, termination before transmittance <= 1e-4,
-float64 log transmittance), but as one loop per 16x16 tile compiled by numba and spread over
-the cores: no (pixel, Gaussian) pair lists are materialised, and a tile stops as soon as all
-of its pixels are finished. ``trace_pairs`` stays the reference; tests compare the two.
+:func:`composite_tiles` does what :func:`hravatar.render.torch_raster.trace_pairs` +
+:func:`~hravatar.render.torch_raster.composite_pairs` do, with the same image formation (alpha
+test, 0.999 clamp, termination before transmittance <= 1e-4, float64 transmittance) and the
+same analytic backward, but as one loop per 16x16 tile compiled by numba and spread over the
+cores: no (pixel, Gaussian) pair lists are materialised, and a tile stops as soon as all of its
+pixels are finished. The torch functions stay the reference; tests compare the two.
 
 numba is an optional dependency: :func:`numba_available` says whether it imports. The
 kernels are compiled on first use (a few seconds, cached on disk next to this file).
@@ -12,11 +13,13 @@ kernels are compiled on first use (a few seconds, cached on disk next to this fi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.999
@@ -35,7 +38,7 @@ def numba_available() -> bool:
 
 
 @lru_cache(maxsize=1)
-def _kernels():
+def _kernel():
     import numba
 
     # numba's OpenMP layer spins its threads after each parallel loop, starving torch's own
@@ -44,8 +47,15 @@ def _kernels():
         numba.config.THREADING_LAYER = "workqueue"
 
     @numba.njit(parallel=True, cache=True)
-    def composite(mx, my, ca, cb, cc, log_op, feat, gids, rects, tile_ptr, tiles_x, tile_size, width, height, out,
-                  kept_g, kept_p, kept_ptr, collect):
+    def walk(mx, my, ca, cb, cc, log_op, feat, gids, rects, tile_ptr, tiles_x, tile_size, width, height,
+             out, grad_out, grad_geo, grad_feat, backward):
+        """Front-to-back over each tile's depth-ordered intersections.
+
+        Forward: out[p] = sum_i alpha_i T_i feat[g_i]. Backward (same walk, same pairs): with
+        c_i = <feat[g_i], grad_out[p]>, dL/dalpha_k = T_k c_k - (sum_{i>k} w_i c_i) / (1 - alpha_k),
+        where the suffix sum is <out[p], grad_out[p]> minus the running prefix, so no reverse
+        walk is needed. Gradients are summed per thread (grad_geo / grad_feat [threads, N, *]).
+        """
         n_tiles = tile_ptr.shape[0] - 1
         D = feat.shape[1]
         for t in numba.prange(n_tiles):
@@ -53,19 +63,23 @@ def _kernels():
             e = tile_ptr[t + 1]
             if s == e:
                 continue
+            tid = numba.get_thread_id()
             tx0 = (t % tiles_x) * tile_size
             ty0 = (t // tiles_x) * tile_size
             tw = min(tile_size, width - tx0)
             th = min(tile_size, height - ty0)
             trans = np.ones(tw * th, dtype=np.float64)  # transmittance in front of the next Gaussian
+            total = np.zeros(tw * th, dtype=np.float64)  # backward: <out, grad_out> minus the prefix so far
+            if backward:
+                for q in range(tw * th):
+                    p = (ty0 + q // tw) * width + tx0 + q % tw
+                    acc = 0.0
+                    for d in range(D):
+                        acc += np.float64(out[p, d]) * grad_out[p, d]
+                    total[q] = acc
             n_done = 0
-            n_kept = kept_ptr[t]
             for k in range(s, e):
                 g = gids[k]
-                x0 = rects[k, 0]
-                x1 = rects[k, 1]
-                y0 = rects[k, 2]
-                y1 = rects[k, 3]
                 a = ca[g]
                 b = cb[g]
                 c = cc[g]
@@ -74,7 +88,7 @@ def _kernels():
                 if level <= 0.0:
                     continue
                 a_s = max(a, 1e-12)
-                for y in range(y0, y1):
+                for y in range(rects[k, 2], rects[k, 3]):
                     dy = my[g] - (np.float32(y) + np.float32(0.5))
                     # the row's span of the ellipse sigma <= level (plus a margin for rounding)
                     disc = b * b * dy * dy - a_s * (c * dy * dy - 2.0 * level * (1 + 1e-5) - 2e-4)
@@ -82,8 +96,8 @@ def _kernels():
                         continue
                     half = math.sqrt(disc) / a_s + 0.02
                     xc = mx[g] - 0.5 + b * dy / a_s
-                    xs = max(x0, int(math.ceil(xc - half)))
-                    xe = min(x1, int(math.floor(xc + half)) + 1)
+                    xs = max(rects[k, 0], int(math.ceil(xc - half)))
+                    xe = min(rects[k, 1], int(math.floor(xc + half)) + 1)
                     for x in range(xs, xe):
                         q = (y - ty0) * tw + (x - tx0)
                         tq = trans[q]
@@ -91,7 +105,8 @@ def _kernels():
                             continue
                         dx = mx[g] - (np.float32(x) + np.float32(0.5))
                         sigma_o = np.float32(0.5) * (a * dx * dx + c * dy * dy) + b * dx * dy - lo
-                        alpha = min(np.float32(math.exp(-sigma_o)), np.float32(ALPHA_MAX))
+                        raw = np.float32(math.exp(-sigma_o))
+                        alpha = min(raw, np.float32(ALPHA_MAX))
                         if alpha < ALPHA_MIN:
                             continue
                         nt = tq * (1.0 - np.float64(alpha))
@@ -99,36 +114,47 @@ def _kernels():
                         if nt <= T_MIN:
                             n_done += 1
                             continue
-                        if collect:
-                            kept_g[n_kept] = g
-                            kept_p[n_kept] = y * width + x
-                            n_kept += 1
-                        else:
-                            w = alpha * np.float32(tq)
-                            p = y * width + x
+                        w = alpha * np.float32(tq)
+                        p = y * width + x
+                        if not backward:
                             for d in range(D):
                                 out[p, d] += w * feat[g, d]
+                            continue
+                        cg = 0.0
+                        for d in range(D):
+                            cg += np.float64(feat[g, d]) * grad_out[p, d]
+                            grad_feat[tid, g, d] += w * grad_out[p, d]
+                        total[q] -= w * cg
+                        d_alpha = tq * cg - total[q] / (1.0 - alpha) if raw <= ALPHA_MAX else 0.0
+                        d_sigma = -d_alpha * alpha
+                        grad_geo[tid, g, 0] += d_sigma * (a * dx + b * dy)
+                        grad_geo[tid, g, 1] += d_sigma * (c * dy + b * dx)
+                        grad_geo[tid, g, 2] += d_sigma * 0.5 * dx * dx
+                        grad_geo[tid, g, 3] += d_sigma * dx * dy
+                        grad_geo[tid, g, 4] += d_sigma * 0.5 * dy * dy
+                        grad_geo[tid, g, 5] += d_alpha * math.exp(-(sigma_o + lo))
                 if n_done == tw * th:
                     break  # every pixel of the tile is finished
-            if collect:
-                kept_ptr[t] = n_kept
 
-    @numba.njit(parallel=True, cache=True)
-    def count_candidates(rects, tile_ptr):
-        n_tiles = tile_ptr.shape[0] - 1
-        cnt = np.zeros(n_tiles + 1, dtype=np.int64)
-        for t in numba.prange(n_tiles):
-            c = 0
-            for k in range(tile_ptr[t], tile_ptr[t + 1]):
-                c += (rects[k, 1] - rects[k, 0]) * (rects[k, 3] - rects[k, 2])
-            cnt[t + 1] = c
-        return cnt
-
-    return composite, count_candidates
+    return walk
 
 
-def _by_tile(gids: Tensor, sub_rects: Tensor, width: int, height: int, tile_size: int):
+@dataclass
+class _Tiles:
+    """Intersections regrouped by tile (numpy, for the kernel): gids [I], rects [I, 4], ptr [T+1]."""
+
+    gids: np.ndarray
+    rects: np.ndarray
+    ptr: np.ndarray
+    tiles_x: int
+    tile_size: int
+    width: int
+    height: int
+
+
+def _by_tile(gids: Tensor, sub_rects: Tensor, width: int, height: int, tile_size: int) -> _Tiles:
     """Regroup depth-ordered intersections by tile (stable: each tile keeps depth order)."""
+    gids, sub_rects = gids.cpu(), sub_rects.cpu()
     tiles_x = (width + tile_size - 1) // tile_size
     tiles_y = (height + tile_size - 1) // tile_size
     tile = torch.div(sub_rects[:, 2], tile_size, rounding_mode="floor") * tiles_x + torch.div(
@@ -137,58 +163,77 @@ def _by_tile(gids: Tensor, sub_rects: Tensor, width: int, height: int, tile_size
     counts = torch.bincount(tile, minlength=tiles_x * tiles_y)
     ptr = torch.zeros(tiles_x * tiles_y + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=ptr[1:])
-    return gids.index_select(0, order), sub_rects.index_select(0, order), ptr, tiles_x
+    return _Tiles(gids.index_select(0, order).numpy(), sub_rects.index_select(0, order).contiguous().numpy(),
+                  ptr.numpy(), tiles_x, tile_size, width, height)
 
 
-def trace_tiles(
+def _run(cols: tuple[Tensor, ...], feat: np.ndarray, tiles: _Tiles, out: np.ndarray, grad_out=None):
+    import numba
+
+    walk = _kernel()
+    # one thread budget for both pools: torch.set_num_threads limits this pass too
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
+    mx, my, ca, cb, cc, op = (c.detach().cpu().to(torch.float32).contiguous().numpy() for c in cols)
+    log_op = np.log(np.maximum(op, np.float32(1e-30))).astype(np.float32)
+    N, D = feat.shape
+    backward = grad_out is not None
+    n_thr = numba.get_num_threads() if backward else 1
+    grad_geo = np.zeros((n_thr, N if backward else 0, 6), dtype=np.float64)
+    grad_feat = np.zeros((n_thr, N if backward else 0, D), dtype=np.float64)
+    if grad_out is None:
+        grad_out = np.zeros((1, 1), dtype=np.float32)
+    walk(mx, my, ca, cb, cc, log_op, feat, tiles.gids, tiles.rects, tiles.ptr, tiles.tiles_x, tiles.tile_size,
+         tiles.width, tiles.height, out, grad_out, grad_geo, grad_feat, backward)
+    return grad_geo.sum(0), grad_feat.sum(0)
+
+
+class _TileComposite(torch.autograd.Function):
+    """forward(mean_x, mean_y, a, b, c, opacity [N] each, featext [N, D], tiles) -> [P, D]."""
+
+    @staticmethod
+    def forward(ctx, mx, my, ca, cb, cc, op, featext, tiles):
+        feat = featext.detach().cpu().to(torch.float32).contiguous().numpy()
+        out = np.zeros((tiles.width * tiles.height, feat.shape[1]), dtype=np.float32)
+        _run((mx, my, ca, cb, cc, op), feat, tiles, out)
+        ctx.save_for_backward(mx, my, ca, cb, cc, op, featext)
+        ctx.tiles, ctx.out = tiles, out
+        return torch.from_numpy(out).to(featext.device, featext.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        mx, my, ca, cb, cc, op, featext = ctx.saved_tensors
+        feat = featext.detach().cpu().to(torch.float32).contiguous().numpy()
+        go = grad_out.detach().cpu().to(torch.float32).contiguous().numpy()
+        geo, gfeat = _run((mx, my, ca, cb, cc, op), feat, ctx.tiles, ctx.out, go)
+        geo = torch.from_numpy(geo).to(mx.device, mx.dtype)
+        grads = [geo[:, i] if ctx.needs_input_grad[i] else None for i in range(6)]
+        gf = torch.from_numpy(gfeat).to(featext.device, featext.dtype) if ctx.needs_input_grad[6] else None
+        return (*grads, gf, None)
+
+
+def composite_tiles(
     cols: tuple[Tensor, ...],
-    featext: Tensor | None,
+    featext: Tensor,
     gids: Tensor,
     sub_rects: Tensor,
     width: int,
     height: int,
     tile_size: int,
-) -> tuple[Tensor | None, Tensor, Tensor]:
-    """Compiled equivalent of :func:`~hravatar.render.torch_raster.trace_pairs` (CPU tensors).
+) -> Tensor:
+    """Front-to-back compositing by the compiled tile kernel, with the analytic 3DGS backward.
+
+    Same image formation and result as :func:`~hravatar.render.torch_raster.trace_pairs`
+    followed by :func:`~hravatar.render.torch_raster.composite_pairs` (the reference).
 
     Args:
-        cols: six [N] float32 tensors (mean_x, mean_y, conic a, b, c, opacity), detached.
-        featext: [N, D] float32 features to composite, or None to collect the contributing pairs.
+        cols: six [N] tensors (mean_x, mean_y, conic a, b, c, opacity), differentiable.
+        featext: [N, D] features to composite, differentiable.
         gids: [I] int64 Gaussian of each (Gaussian, tile) intersection, in depth order.
         sub_rects: [I, 4] int64 (x0, x1, y0, y1) pixel rectangle of each, inside one tile.
         tile_size: the tile size the intersections were binned with.
     Returns:
-        image: [H*W, D] composited features (None when featext is None);
-        kept_gids, kept_pix: [K] int64 contributing pairs, each pixel's in depth order
-        (grouped by tile, not by Gaussian; empty when featext is given).
+        [H*W, D] ``sum_i alpha_i T_i featext[g_i]`` per pixel (computed in float32).
     """
-    import numba
-
-    composite, count_candidates = _kernels()
-    # one thread budget for both pools: torch.set_num_threads limits this pass too
-    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
-    g_t, r_t, ptr, tiles_x = _by_tile(gids.cpu(), sub_rects.cpu(), width, height, tile_size)
-    mx, my, ca, cb, cc, op = (c.detach().cpu().to(torch.float32).contiguous().numpy() for c in cols)
-    log_op = np.log(np.maximum(op, np.float32(1e-30))).astype(np.float32)
-    g_np, r_np, ptr_np = g_t.numpy(), r_t.contiguous().numpy(), ptr.numpy()
-    collect = featext is None
-    if collect:
-        # each tile writes its pairs into its own slice, sized by its candidate count
-        kept_ptr = np.cumsum(count_candidates(r_np, ptr_np))
-        cap = int(kept_ptr[-1])
-        kept_g = np.empty(cap, dtype=np.int64)
-        kept_p = np.empty(cap, dtype=np.int64)
-        feat = np.zeros((1, 1), dtype=np.float32)
-        out = np.zeros((1, 1), dtype=np.float32)
-        starts = kept_ptr[:-1].copy()
-        composite(mx, my, ca, cb, cc, log_op, feat, g_np, r_np, ptr_np, tiles_x, tile_size, width, height, out,
-                  kept_g, kept_p, starts, True)
-        take = np.concatenate([np.arange(a, b) for a, b in zip(kept_ptr[:-1], starts)]) if cap else np.zeros(0, np.int64)
-        return None, torch.from_numpy(kept_g[take]), torch.from_numpy(kept_p[take])
-    feat = featext.detach().cpu().to(torch.float32).contiguous().numpy()
-    out = np.zeros((width * height, feat.shape[1]), dtype=np.float32)
-    dummy = np.zeros(1, dtype=np.int64)
-    composite(mx, my, ca, cb, cc, log_op, feat, g_np, r_np, ptr_np, tiles_x, tile_size, width, height, out,
-              dummy, dummy, np.zeros(ptr_np.shape[0], dtype=np.int64), False)
-    empty = torch.zeros(0, dtype=torch.long)
-    return torch.from_numpy(out).to(featext.device, featext.dtype), empty, empty
+    tiles = _by_tile(gids, sub_rects, width, height, tile_size)
+    return _TileComposite.apply(*cols, featext, tiles)

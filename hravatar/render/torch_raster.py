@@ -654,8 +654,9 @@ def rasterize_torch(
         means: [N, 3]; quats: [N, 4] (w, x, y, z); scales: [N, 3] linear; opacities: [N];
         features: [N, C]; camera: :class:`Camera`.
         max_pairs: memory bound, the number of candidate (pixel, Gaussian) pairs expanded at once.
-        trace: front-to-back pass: "torch" (:func:`trace_pairs`) or "numba" (the compiled
-            :func:`hravatar.render.numba_raster.trace_tiles`, CPU tensors; same images).
+        trace: front-to-back pass: "torch" (:func:`trace_pairs` + :func:`composite_pairs`) or
+            "numba" (the compiled :func:`hravatar.render.numba_raster.composite_tiles`, CPU
+            tensors; same images and gradients).
     Returns:
         :class:`RasterOutput` (features [H, W, C], depth [H, W, 1], alpha [H, W, 1], ...).
     """
@@ -673,20 +674,20 @@ def rasterize_torch(
     levels = alpha_levels(op)
     gids, sub = tile_intersections(rects, proj.depths, tile_size)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*cols, featext))
-    with torch.no_grad():
-        dcols = tuple(c.detach().contiguous() for c in cols)
-        fe = None if needs_grad else featext.detach()
-        if trace == "numba":
-            from .numba_raster import trace_tiles
+    if trace == "numba":
+        from .numba_raster import composite_tiles
 
-            image, kg, kp = trace_tiles(dcols, fe, gids, sub, W, H, tile_size)
-        elif trace == "torch":
-            image, kg, kp = trace_pairs(dcols, levels, fe, gids, sub, W, H, max_pairs)
-        else:
-            raise ValueError(f"unknown trace kernel '{trace}' (torch or numba)")
-        if needs_grad:
-            pairs = build_pair_list(kg.to(dev), kp.to(dev), W * H)
-    if needs_grad:
+        image = composite_tiles(cols, featext, gids, sub, W, H, tile_size)
+    elif trace != "torch":
+        raise ValueError(f"unknown trace kernel '{trace}' (torch or numba)")
+    elif not needs_grad:
+        with torch.no_grad():
+            dcols = tuple(c.detach().contiguous() for c in cols)
+            image, _, _ = trace_pairs(dcols, levels, featext.detach(), gids, sub, W, H, max_pairs)
+    else:
+        with torch.no_grad():
+            _, kg, kp = trace_pairs(tuple(c.detach().contiguous() for c in cols), levels, None, gids, sub, W, H, max_pairs)
+            pairs = build_pair_list(kg, kp, W * H)
         image = composite_pairs(cols, featext, pairs, W)
     image = image.view(H, W, -1)
     C = features.shape[1]
