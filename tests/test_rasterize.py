@@ -615,3 +615,31 @@ def test_gsplat_matches_torch_backend():
     g.means2d.retain_grad()
     (g.features.sum() + g.alpha.sum()).backward()
     assert g.means2d.grad is not None and g.means2d.grad.abs().sum() > 0
+
+
+@needs_numba
+def test_numba_pass_from_several_threads_at_once():
+    """The app renders on a worker thread while other threads may render too: launches take turns
+    (numba's work-queue layer would abort the process on concurrent parallel launches)."""
+    import threading
+
+    scene = _scene(2, 200)
+    with torch.no_grad():
+        want = rasterize_torch(**scene, trace="numba").features
+    got, errors = [], []
+
+    def work():
+        try:
+            for _ in range(5):
+                with torch.no_grad():
+                    got.append(rasterize_torch(**scene, trace="numba").features)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 15
+    assert all(torch.equal(g, want) for g in got)

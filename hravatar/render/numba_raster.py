@@ -13,6 +13,7 @@ kernels are compiled on first use (a few seconds, cached on disk next to this fi
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -167,7 +168,17 @@ def _by_tile(gids: Tensor, sub_rects: Tensor, width: int, height: int, tile_size
                   ptr.numpy(), tiles_x, tile_size, width, height)
 
 
+#: numba's work-queue threading layer aborts the process when two Python threads launch
+#: parallel kernels at once (e.g. the app's render worker and a thumbnail); take turns.
+_LAUNCH = threading.Lock()
+
+
 def _run(cols: tuple[Tensor, ...], feat: np.ndarray, tiles: _Tiles, out: np.ndarray, grad_out=None):
+    with _LAUNCH:
+        return _run_locked(cols, feat, tiles, out, grad_out)
+
+
+def _run_locked(cols, feat, tiles, out, grad_out):
     import numba
 
     walk = _kernel()

@@ -126,8 +126,11 @@ def profile_config(name: str) -> TrainConfig:
     """The named profile.
 
     "full": the method's schedule at 512x512 (for a GPU).
-    "quick": CPU-friendly: 256x256, ~20K Gaussians, a few thousand iterations with the
-    densification/lighting schedule compressed to fit. Two deliberate departures from the
+    "quick": CPU-friendly: 256x256, 20-30K Gaussians, 5,000 iterations (17 min on 2 CPU cores
+    with the numba rasterizer) with the densification/lighting schedule compressed to fit.
+    5,000 rather than 3,000 iterations on the synthetic benchmark: relighting 24.82 -> 25.43 dB,
+    albedo si-MSE 0.0105 -> 0.0094, normal cos 0.964 -> 0.966, test PSNR 30.79 -> 30.47 dB.
+    Two deliberate departures from the
     method, both measured on the synthetic benchmark: no albedo-only warm-up (the surface
     initialisation already gives good geometry, and a warm-up lets the albedo absorb the
     shading), and an alpha-vs-mask loss at weight 1 (with black backgrounds, dark hair otherwise
@@ -141,7 +144,7 @@ def profile_config(name: str) -> TrainConfig:
         return TrainConfig(
             profile="quick",
             resolution=256,
-            iterations=3000,
+            iterations=5000,
             albedo_warmup=0,
             encoder_pretrain_iters=300,
             encoder_res=224,
