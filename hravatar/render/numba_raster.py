@@ -49,93 +49,94 @@ def _kernel():
 
     @numba.njit(parallel=True, cache=True)
     def walk(mx, my, ca, cb, cc, log_op, feat, gids, rects, tile_ptr, tiles_x, tile_size, width, height,
-             out, grad_out, grad_geo, grad_feat, backward):
+             out, grad_out, grad_geo, grad_feat, backward, n_chunks):
         """Front-to-back over each tile's depth-ordered intersections.
 
         Forward: out[p] = sum_i alpha_i T_i feat[g_i]. Backward (same walk, same pairs): with
         c_i = <feat[g_i], grad_out[p]>, dL/dalpha_k = T_k c_k - (sum_{i>k} w_i c_i) / (1 - alpha_k),
         where the suffix sum is <out[p], grad_out[p]> minus the running prefix, so no reverse
-        walk is needed. Gradients are summed per thread (grad_geo / grad_feat [threads, N, *]).
+        walk is needed. Tiles are dealt round-robin to ``n_chunks`` parallel chunks; each chunk
+        sums its gradients in its own slice of grad_geo / grad_feat [n_chunks, N, *].
         """
         n_tiles = tile_ptr.shape[0] - 1
         D = feat.shape[1]
-        for t in numba.prange(n_tiles):
-            s = tile_ptr[t]
-            e = tile_ptr[t + 1]
-            if s == e:
-                continue
-            tid = numba.get_thread_id()
-            tx0 = (t % tiles_x) * tile_size
-            ty0 = (t // tiles_x) * tile_size
-            tw = min(tile_size, width - tx0)
-            th = min(tile_size, height - ty0)
-            trans = np.ones(tw * th, dtype=np.float64)  # transmittance in front of the next Gaussian
-            total = np.zeros(tw * th, dtype=np.float64)  # backward: <out, grad_out> minus the prefix so far
-            if backward:
-                for q in range(tw * th):
-                    p = (ty0 + q // tw) * width + tx0 + q % tw
-                    acc = 0.0
-                    for d in range(D):
-                        acc += np.float64(out[p, d]) * grad_out[p, d]
-                    total[q] = acc
-            n_done = 0
-            for k in range(s, e):
-                g = gids[k]
-                a = ca[g]
-                b = cb[g]
-                c = cc[g]
-                lo = log_op[g]
-                level = lo + LOG_255  # alpha >= 1/255  <=>  sigma <= ln(255 o)
-                if level <= 0.0:
+        for chunk in numba.prange(n_chunks):
+            for t in range(chunk, n_tiles, n_chunks):
+                s = tile_ptr[t]
+                e = tile_ptr[t + 1]
+                if s == e:
                     continue
-                a_s = max(a, 1e-12)
-                for y in range(rects[k, 2], rects[k, 3]):
-                    dy = my[g] - (np.float32(y) + np.float32(0.5))
-                    # the row's span of the ellipse sigma <= level (plus a margin for rounding)
-                    disc = b * b * dy * dy - a_s * (c * dy * dy - 2.0 * level * (1 + 1e-5) - 2e-4)
-                    if disc < 0.0:
-                        continue
-                    half = math.sqrt(disc) / a_s + 0.02
-                    xc = mx[g] - 0.5 + b * dy / a_s
-                    xs = max(rects[k, 0], int(math.ceil(xc - half)))
-                    xe = min(rects[k, 1], int(math.floor(xc + half)) + 1)
-                    for x in range(xs, xe):
-                        q = (y - ty0) * tw + (x - tx0)
-                        tq = trans[q]
-                        if tq <= T_MIN:
-                            continue
-                        dx = mx[g] - (np.float32(x) + np.float32(0.5))
-                        sigma_o = np.float32(0.5) * (a * dx * dx + c * dy * dy) + b * dx * dy - lo
-                        raw = np.float32(math.exp(-sigma_o))
-                        alpha = min(raw, np.float32(ALPHA_MAX))
-                        if alpha < ALPHA_MIN:
-                            continue
-                        nt = tq * (1.0 - np.float64(alpha))
-                        trans[q] = nt
-                        if nt <= T_MIN:
-                            n_done += 1
-                            continue
-                        w = alpha * np.float32(tq)
-                        p = y * width + x
-                        if not backward:
-                            for d in range(D):
-                                out[p, d] += w * feat[g, d]
-                            continue
-                        cg = 0.0
+                tx0 = (t % tiles_x) * tile_size
+                ty0 = (t // tiles_x) * tile_size
+                tw = min(tile_size, width - tx0)
+                th = min(tile_size, height - ty0)
+                trans = np.ones(tw * th, dtype=np.float64)  # transmittance in front of the next Gaussian
+                total = np.zeros(tw * th, dtype=np.float64)  # backward: <out, grad_out> minus the prefix so far
+                if backward:
+                    for q in range(tw * th):
+                        p = (ty0 + q // tw) * width + tx0 + q % tw
+                        acc = 0.0
                         for d in range(D):
-                            cg += np.float64(feat[g, d]) * grad_out[p, d]
-                            grad_feat[tid, g, d] += w * grad_out[p, d]
-                        total[q] -= w * cg
-                        d_alpha = tq * cg - total[q] / (1.0 - alpha) if raw <= ALPHA_MAX else 0.0
-                        d_sigma = -d_alpha * alpha
-                        grad_geo[tid, g, 0] += d_sigma * (a * dx + b * dy)
-                        grad_geo[tid, g, 1] += d_sigma * (c * dy + b * dx)
-                        grad_geo[tid, g, 2] += d_sigma * 0.5 * dx * dx
-                        grad_geo[tid, g, 3] += d_sigma * dx * dy
-                        grad_geo[tid, g, 4] += d_sigma * 0.5 * dy * dy
-                        grad_geo[tid, g, 5] += d_alpha * math.exp(-(sigma_o + lo))
-                if n_done == tw * th:
-                    break  # every pixel of the tile is finished
+                            acc += np.float64(out[p, d]) * grad_out[p, d]
+                        total[q] = acc
+                n_done = 0
+                for k in range(s, e):
+                    g = gids[k]
+                    a = ca[g]
+                    b = cb[g]
+                    c = cc[g]
+                    lo = log_op[g]
+                    level = lo + LOG_255  # alpha >= 1/255  <=>  sigma <= ln(255 o)
+                    if level <= 0.0:
+                        continue
+                    a_s = max(a, 1e-12)
+                    for y in range(rects[k, 2], rects[k, 3]):
+                        dy = my[g] - (np.float32(y) + np.float32(0.5))
+                        # the row's span of the ellipse sigma <= level (plus a margin for rounding)
+                        disc = b * b * dy * dy - a_s * (c * dy * dy - 2.0 * level * (1 + 1e-5) - 2e-4)
+                        if disc < 0.0:
+                            continue
+                        half = math.sqrt(disc) / a_s + 0.02
+                        xc = mx[g] - 0.5 + b * dy / a_s
+                        xs = max(rects[k, 0], int(math.ceil(xc - half)))
+                        xe = min(rects[k, 1], int(math.floor(xc + half)) + 1)
+                        for x in range(xs, xe):
+                            q = (y - ty0) * tw + (x - tx0)
+                            tq = trans[q]
+                            if tq <= T_MIN:
+                                continue
+                            dx = mx[g] - (np.float32(x) + np.float32(0.5))
+                            sigma_o = np.float32(0.5) * (a * dx * dx + c * dy * dy) + b * dx * dy - lo
+                            raw = np.float32(math.exp(-sigma_o))
+                            alpha = min(raw, np.float32(ALPHA_MAX))
+                            if alpha < ALPHA_MIN:
+                                continue
+                            nt = tq * (1.0 - np.float64(alpha))
+                            trans[q] = nt
+                            if nt <= T_MIN:
+                                n_done += 1
+                                continue
+                            w = alpha * np.float32(tq)
+                            p = y * width + x
+                            if not backward:
+                                for d in range(D):
+                                    out[p, d] += w * feat[g, d]
+                                continue
+                            cg = 0.0
+                            for d in range(D):
+                                cg += np.float64(feat[g, d]) * grad_out[p, d]
+                                grad_feat[chunk, g, d] += w * grad_out[p, d]
+                            total[q] -= w * cg
+                            d_alpha = tq * cg - total[q] / (1.0 - alpha) if raw <= ALPHA_MAX else 0.0
+                            d_sigma = -d_alpha * alpha
+                            grad_geo[chunk, g, 0] += d_sigma * (a * dx + b * dy)
+                            grad_geo[chunk, g, 1] += d_sigma * (c * dy + b * dx)
+                            grad_geo[chunk, g, 2] += d_sigma * 0.5 * dx * dx
+                            grad_geo[chunk, g, 3] += d_sigma * dx * dy
+                            grad_geo[chunk, g, 4] += d_sigma * 0.5 * dy * dy
+                            grad_geo[chunk, g, 5] += d_alpha * math.exp(-(sigma_o + lo))
+                    if n_done == tw * th:
+                        break  # every pixel of the tile is finished
 
     return walk
 
@@ -188,13 +189,14 @@ def _run_locked(cols, feat, tiles, out, grad_out):
     log_op = np.log(np.maximum(op, np.float32(1e-30))).astype(np.float32)
     N, D = feat.shape
     backward = grad_out is not None
-    n_thr = numba.get_num_threads() if backward else 1
-    grad_geo = np.zeros((n_thr, N if backward else 0, 6), dtype=np.float64)
-    grad_feat = np.zeros((n_thr, N if backward else 0, D), dtype=np.float64)
+    n_chunks = numba.get_num_threads()
+    n_buf = n_chunks if backward else 1
+    grad_geo = np.zeros((n_buf, N if backward else 0, 6), dtype=np.float64)
+    grad_feat = np.zeros((n_buf, N if backward else 0, D), dtype=np.float64)
     if grad_out is None:
         grad_out = np.zeros((1, 1), dtype=np.float32)
     walk(mx, my, ca, cb, cc, log_op, feat, tiles.gids, tiles.rects, tiles.ptr, tiles.tiles_x, tiles.tile_size,
-         tiles.width, tiles.height, out, grad_out, grad_geo, grad_feat, backward)
+         tiles.width, tiles.height, out, grad_out, grad_geo, grad_feat, backward, n_chunks)
     return grad_geo.sum(0), grad_feat.sum(0)
 
 
