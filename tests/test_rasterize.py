@@ -11,6 +11,7 @@ import torch
 
 from hravatar.render import rasterize as rz
 from hravatar.render.camera import Camera
+from hravatar.render.numba_raster import numba_available
 from hravatar.render.rasterize import rasterize_gaussians, select_backend
 from hravatar.render.reference import make_test_scene, rasterize_reference
 from hravatar.render.torch_raster import project_gaussians, rasterize_torch
@@ -413,9 +414,7 @@ def test_make_test_scene_is_head_like():
 
 # ----------------------------------------------------------------------------- numba kernel
 
-needs_numba = pytest.mark.skipif(
-    not __import__("hravatar.render.numba_raster", fromlist=["x"]).numba_available(), reason="numba not installed"
-)
+needs_numba = pytest.mark.skipif(not numba_available(), reason="numba not installed")
 
 
 @needs_numba
