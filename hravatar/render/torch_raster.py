@@ -660,6 +660,8 @@ def rasterize_torch(
     Returns:
         :class:`RasterOutput` (features [H, W, C], depth [H, W, 1], alpha [H, W, 1], ...).
     """
+    if trace not in ("torch", "numba"):
+        raise ValueError(f"unknown trace kernel '{trace}' (torch or numba)")
     W, H = int(camera.width), int(camera.height)
     dev, dt = means.device, means.dtype
     cam = camera.to(dev)
@@ -678,17 +680,16 @@ def rasterize_torch(
         from .numba_raster import composite_tiles
 
         image = composite_tiles(cols, featext, gids, sub, W, H, tile_size)
-    elif trace != "torch":
-        raise ValueError(f"unknown trace kernel '{trace}' (torch or numba)")
-    elif not needs_grad:
-        with torch.no_grad():
-            dcols = tuple(c.detach().contiguous() for c in cols)
-            image, _, _ = trace_pairs(dcols, levels, featext.detach(), gids, sub, W, H, max_pairs)
     else:
         with torch.no_grad():
-            _, kg, kp = trace_pairs(tuple(c.detach().contiguous() for c in cols), levels, None, gids, sub, W, H, max_pairs)
-            pairs = build_pair_list(kg, kp, W * H)
-        image = composite_pairs(cols, featext, pairs, W)
+            dcols = tuple(c.detach().contiguous() for c in cols)
+            if not needs_grad:
+                image, _, _ = trace_pairs(dcols, levels, featext.detach(), gids, sub, W, H, max_pairs)
+            else:
+                _, kg, kp = trace_pairs(dcols, levels, None, gids, sub, W, H, max_pairs)
+                pairs = build_pair_list(kg, kp, W * H)
+        if needs_grad:
+            image = composite_pairs(cols, featext, pairs, W)
     image = image.view(H, W, -1)
     C = features.shape[1]
     alpha = image[..., C + 1 :]
