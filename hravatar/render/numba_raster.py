@@ -209,7 +209,8 @@ class _TileComposite(torch.autograd.Function):
         out = np.zeros((tiles.width * tiles.height, feat.shape[1]), dtype=np.float32)
         _run((mx, my, ca, cb, cc, op), feat, tiles, out)
         ctx.save_for_backward(mx, my, ca, cb, cc, op, featext)
-        ctx.tiles, ctx.out = tiles, out
+        # the returned tensor shares ``out``: keep a private copy for the backward's <out, grad_out>
+        ctx.tiles, ctx.out = tiles, (out.copy() if any(ctx.needs_input_grad) else None)
         return torch.from_numpy(out).to(featext.device, featext.dtype)
 
     @staticmethod
