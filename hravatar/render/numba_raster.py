@@ -7,8 +7,9 @@ same analytic backward, but as one loop per 16x16 tile compiled by numba and spr
 cores: no (pixel, Gaussian) pair lists are materialised, and a tile stops as soon as all of its
 pixels are finished. The torch functions stay the reference; tests compare the two.
 
-numba is an optional dependency: :func:`numba_available` says whether it imports. The
-kernels are compiled on first use (a few seconds, cached on disk next to this file).
+numba is installed with hravatar, but nothing depends on it: :func:`numba_available` says
+whether it imports, and without it the torch pass is used. The kernel is compiled on first
+use (a few seconds, cached on disk next to this file).
 """
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-ALPHA_MIN = 1.0 / 255.0
-ALPHA_MAX = 0.999
-T_MIN = 1e-4
+from .torch_raster import ALPHA_MAX, ALPHA_MIN, T_MIN
+
 LOG_255 = math.log(255.0)
 
 
@@ -210,16 +210,16 @@ class _TileComposite(torch.autograd.Function):
         _run((mx, my, ca, cb, cc, op), feat, tiles, out)
         ctx.save_for_backward(mx, my, ca, cb, cc, op, featext)
         # the returned tensor shares ``out``: keep a private copy for the backward's <out, grad_out>
-        ctx.tiles, ctx.out = tiles, (out.copy() if any(ctx.needs_input_grad) else None)
+        grad = any(ctx.needs_input_grad)
+        ctx.tiles, ctx.feat, ctx.out = tiles, (feat if grad else None), (out.copy() if grad else None)
         return torch.from_numpy(out).to(featext.device, featext.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         mx, my, ca, cb, cc, op, featext = ctx.saved_tensors
-        feat = featext.detach().cpu().to(torch.float32).contiguous().numpy()
         go = grad_out.detach().cpu().to(torch.float32).contiguous().numpy()
-        geo, gfeat = _run((mx, my, ca, cb, cc, op), feat, ctx.tiles, ctx.out, go)
+        geo, gfeat = _run((mx, my, ca, cb, cc, op), ctx.feat, ctx.tiles, ctx.out, go)
         geo = torch.from_numpy(geo).to(mx.device, mx.dtype)
         grads = [geo[:, i] if ctx.needs_input_grad[i] else None for i in range(6)]
         gf = torch.from_numpy(gfeat).to(featext.device, featext.dtype) if ctx.needs_input_grad[6] else None

@@ -13,6 +13,7 @@ Two backends produce the same image formation as gsplat's "classic" 3DGS rasteri
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -59,8 +60,11 @@ class RasterOutput:
         }
 
 
+@lru_cache(maxsize=1)
 def gsplat_available() -> bool:
-    """True when ``import gsplat`` succeeds (it is never imported at hravatar import time)."""
+    """True when ``import gsplat`` succeeds (it is never imported at hravatar import time).
+
+    Cached: every render and the app's status line ask, and a failing import is slow to retry."""
     try:
         import gsplat  # noqa: F401
     except Exception:  # ImportError, or a broken CUDA build raising at import

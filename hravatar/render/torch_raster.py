@@ -673,7 +673,6 @@ def rasterize_torch(
     # features + depth + 1: one bag sum gives colour, depth numerator and alpha together
     featext = torch.cat([features.to(dt), proj.depths[:, None], torch.ones_like(op)[:, None]], 1)
     rects = gaussian_pixel_rects(proj, op, W, H, tile_size)
-    levels = alpha_levels(op)
     gids, sub = tile_intersections(rects, proj.depths, tile_size)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*cols, featext))
     if trace == "numba":
@@ -683,6 +682,7 @@ def rasterize_torch(
     else:
         with torch.no_grad():
             dcols = tuple(c.detach().contiguous() for c in cols)
+            levels = alpha_levels(op)
             if not needs_grad:
                 image, _, _ = trace_pairs(dcols, levels, featext.detach(), gids, sub, W, H, max_pairs)
             else:
