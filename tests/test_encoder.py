@@ -509,3 +509,24 @@ def test_encoder_and_crop_on_gpu():
     for k in ref:
         assert got[k].device.type == "cuda"
         assert torch.allclose(got[k].cpu(), ref[k], atol=1e-3, rtol=1e-3), k
+
+
+def test_output_regression_loss_through_the_clamps():
+    from hravatar.encoder import output_regression_loss
+
+    E = 3
+    # expr, eyelids (0..1), jaw (open >= 0, sides +-0.2)
+    target = torch.tensor([[0.5, -0.2, 0.0, 0.0, 1.0, 0.1, 0.2, -0.05]])
+    raw = torch.tensor([[0.7, -0.2, 0.3, -0.4, 1.5, -1.0, 0.1, -0.05]], requires_grad=True)
+    loss = output_regression_loss(raw, target, jaw_side_limit=0.2)
+    # by hand: expr errors 0.2, 0, 0.3; eyelid target 0 with raw -0.4: 0 (clamps to 0 too);
+    # eyelid target 1 with raw 1.5: 0; jaw open target 0.1 from a "dead" raw -1: 1.1;
+    # jaw side target at the bound 0.2 with raw 0.1 inside: 0.1; last side: 0
+    expect = (0.2 ** 2 + 0.3 ** 2 + 1.1 ** 2 + 0.1 ** 2) / 8
+    assert loss.item() == pytest.approx(expect, rel=1e-6)
+    loss.backward()
+    assert raw.grad[0, E + 2] < 0  # the dead jaw unit is pushed back up (the clamped output has no gradient there)
+    assert raw.grad[0, E + 1] == 0 and raw.grad[0, E] == 0
+    # consistent with the clamped outputs: a zero loss means the processed outputs equal the target
+    out = split_encoder_outputs(target.clone(), E)
+    assert output_regression_loss(out["raw"], target).item() == 0

@@ -637,6 +637,9 @@ def test_ict_cache_is_used_and_rebuilt_when_damaged(ict_model):
     for k in ("neutral", "faces", "identity", "expression", "landmarks68"):
         assert np.array_equal(cached[k], fresh[k]), k
     assert cached["expression_names"] == fresh["expression_names"]
+    # the root of an ICT-FaceKit checkout works too (its FaceXModel folder is used)
+    via_root = read_ict_folder(ICT_DIR.parent, cache_dir=cache)
+    assert np.array_equal(via_root["expression"], fresh["expression"])
     f.write_bytes(b"garbage")
     again = read_ict_folder(ICT_DIR, cache_dir=cache)
     assert np.array_equal(again["expression"], fresh["expression"])

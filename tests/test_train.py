@@ -194,3 +194,53 @@ def test_rigged_to_mesh_ablation_trains_and_evaluates_through_the_mesh(tiny_data
     monkeypatch.setattr(hravatar.head, "load_head_model", lambda spec: head)
     res = evaluate(tmp_path / "r", root, "cpu")
     assert abs(res["psnr"] - tr.quick_eval(2)["psnr"]) < 1e-3
+
+
+def test_encoder_cycle_loss_draws_new_values_and_trains_only_the_encoder(tiny_dataset, tmp_path):
+    root, head = tiny_dataset
+    from hravatar.train.config import LossConfig
+
+    cfg = _cfg(6, encoder=True, encoder_res=32, encoder_pretrain_iters=0,
+               loss=LossConfig(cycle=1.0, cycle_every=2, cycle_start=0, cycle_scale=(0.8, 1.3)))
+    tr = Trainer(root, tmp_path / "c", cfg, head=head)
+    tr.encoder.config.freeze_bn = True  # as after the pre-training: single crops in train mode
+    tr.encoder.train()
+    n, D = tr.enc_bank.shape
+    E = D - 5
+    assert n == len(tr.train_set) and E == tr.avatar.num_expr
+    # distinct small positive values (no clamp applies): which row each component came from is recoverable
+    bank = 0.01 * (torch.arange(n)[:, None] + 1) + 0.0005 * torch.arange(D)[None]
+    tr.enc_bank.copy_(bank)
+    tr.enc_bank_filled[:] = True
+    frame, cam, box, target = tr.cycle_sample(7)
+    again = tr.cycle_sample(7)[3]
+    assert torch.equal(target, again) and not torch.equal(target, tr.cycle_sample(8)[3])  # seeded by the iteration
+    # one scale factor in range maps every component onto some row's value of that component
+    scales = [float(target[0] / bank[r, 0]) for r in range(n)]
+    ok = [s for s in scales if 0.8 - 1e-6 <= s <= 1.3 + 1e-6
+          and all(torch.isclose(target[j] / s, bank[:, j], atol=1e-6).any() for j in range(D))]
+    assert ok
+    assert torch.equal(frame.expr[0], target[:E]) and torch.equal(frame.eyelids[0], target[E:E + 2])
+    assert torch.equal(frame.pose[0, 2], target[E + 2:])
+    # global pose / neck / eyes come unchanged from one training frame
+    donors = [k for k in range(n) if torch.equal(tr.train_set[k].params.pose[0, [0, 1, 3, 4]], frame.pose[0, [0, 1, 3, 4]])]
+    assert donors and any(torch.equal(box, tr.crop_boxes["train"][k]) for k in donors)
+    # the cycle loss reaches the encoder only (the render is a fixed target)
+    lc = tr.cycle_loss(7)
+    lc.backward()
+    assert lc.item() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.encoder.parameters())
+    assert all(p.grad is None for p in tr.avatar.params.values()) and all(p.grad is None for p in tr.light.parameters())
+    tr.encoder.zero_grad(set_to_none=True)
+    # logged on the iterations it runs, and the bank fills with the encoder's outputs as frames are seen
+    tr2 = Trainer(root, tmp_path / "d", cfg, head=head)
+    tr2.encoder.config.freeze_bn = True
+    tr2.encoder.train()
+    logs = [tr2.train_step() for _ in range(4)]
+    assert ["cycle" in lg for lg in logs] == [True, False, True, False]
+    assert tr2.enc_bank_filled.sum() >= 1 and tr2.enc_bank[tr2.enc_bank_filled].abs().sum() > 0
+    # the bank is part of the resumable state
+    tr2.save()
+    tr3 = Trainer(root, tmp_path / "d", cfg, head=head)
+    assert tr3.resume()
+    assert torch.equal(tr3.enc_bank, tr2.enc_bank) and torch.equal(tr3.enc_bank_filled, tr2.enc_bank_filled)

@@ -8,6 +8,7 @@ from .expression import (
     encoder_state,
     load_encoder_state,
     load_smirk_weights,
+    output_regression_loss,
     split_encoder_outputs,
 )
 from .mobilenetv3 import MobileNetV3LargeMinimal
@@ -26,5 +27,6 @@ __all__ = [
     "load_smirk_weights",
     "points_to_crop",
     "smooth_boxes",
+    "output_regression_loss",
     "split_encoder_outputs",
 ]

@@ -58,13 +58,40 @@ def split_encoder_outputs(raw: Tensor, n_expr: int, jaw_side_limit: float = 0.2)
     Returns:
         dict with ``expr`` [B, n_expr] (unbounded), ``eyelids`` [B, 2] clamped to [0, 1] and
         ``jaw`` [B, 3] = (relu(x0), clamp(x1, +-limit), clamp(x2, +-limit)): the jaw only opens
-        (first angle >= 0) and moves sideways a little.
+        (first angle >= 0) and moves sideways a little; ``raw`` [B, n_expr + 5] (the input).
     """
     expr = raw[:, :n_expr]
     eyelids = raw[:, n_expr : n_expr + 2].clamp(0.0, 1.0)
     jaw_open = F.relu(raw[:, n_expr + 2 : n_expr + 3])
     jaw_side = raw[:, n_expr + 3 : n_expr + 5].clamp(-jaw_side_limit, jaw_side_limit)
-    return {"expr": expr, "eyelids": eyelids, "jaw": torch.cat([jaw_open, jaw_side], dim=1)}
+    return {"expr": expr, "eyelids": eyelids, "jaw": torch.cat([jaw_open, jaw_side], dim=1), "raw": raw}
+
+
+def output_regression_loss(raw: Tensor, target: Tensor, jaw_side_limit: float = 0.2) -> Tensor:
+    """Mean squared error of the head's outputs to target values, through the output clamps.
+
+    Regressing the clamped outputs (``split_encoder_outputs``) stops the gradient of a component
+    whose raw value left its range, and a jaw-opening unit that went negative on every input
+    never comes back (seen when regressing avatar renders). Here a component is compared on its
+    raw value; where the target sits on a bound of the range, only the raw value's excess
+    beyond that bound costs (any raw value past the bound gives the same clamped output).
+
+    Args:
+        raw: [B, n_expr + 5] head outputs (``out["raw"]``).
+        target: [B, n_expr + 5] expression, eyelids, jaw values (inside the output ranges).
+    Returns:
+        scalar loss.
+    """
+    n_expr = raw.shape[-1] - 5
+    lo = torch.full_like(target, -float("inf"))
+    hi = torch.full_like(target, float("inf"))
+    lo[:, n_expr : n_expr + 2], hi[:, n_expr : n_expr + 2] = 0.0, 1.0
+    lo[:, n_expr + 2] = 0.0
+    lo[:, n_expr + 3 :], hi[:, n_expr + 3 :] = -jaw_side_limit, jaw_side_limit
+    err = raw - target
+    err = torch.where(target <= lo, (raw - lo).clamp(min=0), err)
+    err = torch.where(target >= hi, (raw - hi).clamp(max=0), err)
+    return (err ** 2).mean()
 
 
 class ExpressionEncoder(nn.Module):

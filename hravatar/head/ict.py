@@ -149,7 +149,7 @@ def read_ict_folder(folder: str | Path, cache_dir: str | Path | None = None, use
     """Parse an ICT-FaceKit FaceXModel folder (cached).
 
     Args:
-        folder: the FaceXModel folder.
+        folder: the FaceXModel folder (or the ICT-FaceKit checkout holding it).
         cache_dir: where to cache the parsed arrays (default: user cache folder).
         use_cache: read / write the cache.
     Returns:
@@ -162,6 +162,8 @@ def read_ict_folder(folder: str | Path, cache_dir: str | Path | None = None, use
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise _missing(folder, "ICT-FaceKit FaceXModel folder")
+    if not (folder / "generic_neutral_mesh.obj").is_file() and (folder / "FaceXModel").is_dir():
+        folder = folder / "FaceXModel"  # the root of an ICT-FaceKit checkout
     for name in ("generic_neutral_mesh.obj", "vertex_indices.json"):
         if not (folder / name).is_file():
             raise _missing(folder / name, f"ICT-FaceKit file '{name}'")

@@ -134,6 +134,10 @@ class Trainer:
 
             load_smirk_weights(self.encoder, self.cfg.encoder_weights)
         self.crop_boxes = {"train": face_crop_boxes(self.train_set, self.device), "test": face_crop_boxes(self.test_set, self.device)}
+        # the encoder's latest (expression, eyelids, jaw) on each training frame: what the cycle loss samples from
+        E = self.avatar.num_expr
+        self.enc_bank = torch.zeros(len(self.train_set), E + 2 + 3, device=self.device)
+        self.enc_bank_filled = torch.zeros(len(self.train_set), dtype=torch.bool, device=self.device)
 
     def _param_lr(self, key: str) -> float:
         lr = self.cfg.lr
@@ -245,6 +249,48 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + it)
         return torch.rand(3, generator=g).to(self.device)
 
+    def cycle_sample(self, it: int) -> tuple[FrameParams, Camera, Tensor, Tensor]:
+        """Driving values the avatar was not trained on, for the encoder's cycle loss.
+
+        Each of the E + 2 + 3 encoder outputs is taken from a different (random) training frame's
+        bank row, and the vector is scaled by one factor drawn from ``loss.cycle_scale``; global
+        pose, neck, eyes, translation, camera and crop box come from one random training frame.
+        Reproducible across resumes (the generator is seeded by the iteration).
+
+        Returns:
+            (frame params, camera, crop box [4], target [E + 5] = expression, eyelids, jaw).
+        """
+        g = torch.Generator().manual_seed(self.cfg.seed * 104729 + it)
+        rows = self.enc_bank_filled.nonzero()[:, 0].cpu()
+        D = self.enc_bank.shape[1]
+        pick = rows[torch.randint(len(rows), (D,), generator=g)].to(self.device)
+        lo, hi = self.cfg.loss.cycle_scale
+        scale = lo + (hi - lo) * float(torch.rand(1, generator=g))
+        v = self.enc_bank[pick, torch.arange(D, device=self.device)] * scale
+        E = D - 5
+        # keep the values inside the encoder's output ranges (eyelids [0, 1], jaw as its clamps)
+        v[E:E + 2] = v[E:E + 2].clamp(0, 1)
+        v[E + 2] = v[E + 2].clamp(min=0)
+        v[E + 3:] = v[E + 3:].clamp(-0.2, 0.2)
+        k = int(torch.randint(len(self.train_set), (1,), generator=g))
+        s = self.train_set[k]
+        f = s.params.to(self.device)
+        pose = f.pose.clone()
+        pose[:, 2] = v[E + 2:]
+        frame = FrameParams(v[None, :E], pose, v[None, E:E + 2], f.transl)
+        return frame, s.camera.to(self.device), self.crop_boxes["train"][k], v
+
+    def cycle_loss(self, it: int) -> Tensor:
+        """Squared error of the encoder's reading of an avatar render with known values (see ``cycle_sample``)."""
+        from hravatar.encoder import output_regression_loss
+        from hravatar.encoder.crop import crop_and_resize
+
+        frame, cam, box, target = self.cycle_sample(it)
+        with torch.no_grad():
+            img = self.render(frame, cam, iteration=it)["rgb"].clamp(0, 1)
+        out = self.encoder(crop_and_resize(img.permute(2, 0, 1)[None], box[None], out=self.cfg.encoder_res))
+        return output_regression_loss(out["raw"], target[None], self.encoder.config.jaw_side_limit)
+
     def train_step(self) -> dict[str, float]:
         it = self.iteration
         cfg = self.cfg
@@ -264,6 +310,13 @@ class Trainer:
             pred = pred + (1 - gb.alpha) * bg
             gt = gt + (1 - s.mask.to(self.device)) * bg  # frames are foreground over black (premultiplied)
         loss, logs = photometric_loss(pred, gt, cfg.loss.l1, cfg.loss.dssim)
+        if enc is not None:
+            self.enc_bank[i] = torch.cat([enc["expr"], enc["eyelids"], enc["jaw"]], -1)[0].detach()
+            self.enc_bank_filled[i] = True
+            if cfg.loss.cycle > 0 and it >= cfg.loss.cycle_start and it % cfg.loss.cycle_every == 0:
+                lc = self.cycle_loss(it)
+                loss = loss + cfg.loss.cycle * lc
+                logs["cycle"] = lc.detach()
         if enc is not None and cfg.loss.jaw > 0:
             lj = jaw_loss(enc["jaw"], s.params.pose[:, 2].to(self.device))
             loss = loss + cfg.loss.jaw * lj
@@ -383,6 +436,9 @@ class Trainer:
                 else:
                     st_meta[k] = v
             meta["strategy"] = st_meta
+            if self.encoder is not None:
+                t["cycle.bank"] = self.enc_bank.detach()
+                t["cycle.filled"] = self.enc_bank_filled
             t["rng.torch"] = torch.get_rng_state()
             save_train_state(self.run_dir / "state.safetensors", t, meta)
         except OSError as e:
@@ -417,6 +473,9 @@ class Trainer:
         for k, v in t.items():
             if k.startswith("strategy."):
                 self.strategy_state[k[len("strategy."):]] = v.to(self.device)
+        if self.encoder is not None and "cycle.bank" in t:
+            self.enc_bank = t["cycle.bank"].to(self.device)
+            self.enc_bank_filled = t["cycle.filled"].to(self.device)
         self.iteration = int(meta["iteration"])
         self._order = list(meta.get("order", []))
         torch.set_rng_state(t["rng.torch"])
