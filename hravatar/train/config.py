@@ -33,6 +33,8 @@ class LossConfig:
     rough_tv: float = 0.02
     albedo_smooth: float = 0.0  # extra (not in the method): edge-aware albedo smoothness, see losses.edge_aware_smoothness
     alpha_mask: float = 0.0  # optional extra: L1 between rendered alpha and the foreground mask
+    flatness: float = 0.0  # extra (not in the method): keeps Gaussians flat so their normals stay defined, see losses.flatness_loss
+    flatness_max_ratio: float = 0.3
     # "black": compare renders and frames over black (the method). "random": a random uniform
     # colour behind both each iteration, so opaque Gaussians outside the silhouette cost pixels
     # even where the training light leaves them dark

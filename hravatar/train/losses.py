@@ -92,6 +92,24 @@ def edge_aware_smoothness(img: Tensor, guide: Tensor, mask: Tensor, chroma_k: fl
     return num / max(den, 1)
 
 
+def flatness_loss(log_scales: Tensor, max_ratio: float = 0.3) -> Tensor:
+    """Penalty on Gaussians that are not flat: mean over Gaussians of relu(s_min / s_mid - max_ratio).
+
+    A Gaussian's normal is its shortest axis; when its two smallest scales are close that axis is
+    ill-defined and its shading turns arbitrary (a dark spot under a light from above, seen on a
+    real clip). Only the smallest scale gets the gradient (the middle one is detached), and
+    Gaussians already flatter than ``max_ratio`` cost nothing.
+
+    Args:
+        log_scales: [N, 3] log scales.
+    Returns:
+        scalar loss.
+    """
+    s = log_scales.sort(dim=-1).values
+    ratio = torch.exp(s[:, 0] - s[:, 1].detach())
+    return torch.relu(ratio - max_ratio).mean()
+
+
 def jaw_loss(jaw_pred: Tensor, jaw_tracked: Tensor) -> Tensor:
     """Squared distance between encoder jaw pose [B,3] and the pre-tracked jaw pose [B,3]."""
     return ((jaw_pred - jaw_tracked) ** 2).sum(-1).mean()

@@ -21,7 +21,7 @@ from hravatar.render.camera import Camera
 from .config import TrainConfig
 from .events import EventBus
 from .model import encoded_frame, face_crop_boxes, forward_render
-from .losses import edge_aware_smoothness, jaw_loss, normal_consistency_loss, normals_from_depth, photometric_loss, total_variation
+from .losses import edge_aware_smoothness, flatness_loss, jaw_loss, normal_consistency_loss, normals_from_depth, photometric_loss, total_variation
 from .state import load_optimizer_tensors, load_train_state, optimizer_tensors, save_train_state
 
 #: Which learning-rate group each per-Gaussian parameter belongs to.
@@ -338,6 +338,10 @@ class Trainer:
             la = ((gb.albedo - s.albedo.to(self.device)).abs() * s.mask.to(self.device)).mean()
             loss = loss + cfg.loss.albedo * la
             logs["albedo"] = la.detach()
+        if cfg.loss.flatness > 0:
+            lf = flatness_loss(self.avatar.params["scales"], cfg.loss.flatness_max_ratio)
+            loss = loss + cfg.loss.flatness * lf
+            logs["flatness"] = lf.detach()
         if cfg.loss.alpha_mask > 0:
             lm = (gb.alpha - s.mask.to(self.device)).abs().mean()
             loss = loss + cfg.loss.alpha_mask * lm

@@ -1,0 +1,74 @@
+"""Training losses against values worked out by hand or from closed-form geometry."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hravatar.render.camera import orbit_camera
+from hravatar.train.losses import (
+    edge_aware_smoothness,
+    flatness_loss,
+    jaw_loss,
+    normal_consistency_loss,
+    normals_from_depth,
+    total_variation,
+)
+
+
+def test_flatness_loss_values_and_gradient_on_the_smallest_axis_only():
+    s = torch.tensor([[0.01, 0.01, 0.001],  # flat: ratio 0.1, free
+                      [0.01, 0.006, 0.008],  # thick: ratio 0.75
+                      [0.005, 0.005, 0.005]])  # round: ratio 1
+    log_s = s.log().requires_grad_(True)
+    loss = flatness_loss(log_s, max_ratio=0.3)
+    assert loss.item() == pytest.approx((0.0 + 0.45 + 0.7) / 3, rel=1e-5)
+    loss.backward()
+    g = log_s.grad
+    assert torch.all(g[0] == 0)
+    # d/dlog(s_min) of s_min / s_mid = the ratio; the middle axis is held fixed
+    assert g[1, 1].item() == pytest.approx(0.75 / 3, rel=1e-5) and g[1, 0] == 0 and g[1, 2] == 0
+    assert g[2].sum().item() == pytest.approx(1 / 3, rel=1e-5) and int((g[2] != 0).sum()) == 1
+
+
+def test_normals_from_depth_of_a_tilted_plane():
+    cam = orbit_camera(yaw_deg=30, pitch_deg=10, distance=1.0, width=24, height=20, fov_y_deg=40)
+    n_c = F.normalize(torch.tensor([0.3, -0.2, -1.0]), dim=0)  # camera space, facing the camera
+    p0 = torch.tensor([0.0, 0.0, 1.0])
+    K = cam.K
+    ys, xs = torch.meshgrid(torch.arange(20.0) + 0.5, torch.arange(24.0) + 0.5, indexing="ij")
+    rays = torch.stack([(xs - K[0, 2]) / K[0, 0], (ys - K[1, 2]) / K[1, 1], torch.ones_like(xs)], -1)
+    depth = (n_c @ p0) / (rays @ n_c)  # z of the ray's hit with the plane n.p = n.p0
+    n = normals_from_depth(depth[..., None], cam)
+    expect = cam.viewmat[:3, :3].T @ n_c  # camera -> world
+    inner = n[1:-1, 1:-1].reshape(-1, 3)
+    assert torch.allclose(inner, expect.expand_as(inner), atol=1e-4)
+    assert torch.all(n[0] == 0) and torch.all(n[:, -1] == 0)
+
+
+def test_total_variation_and_normal_consistency_by_hand():
+    ramp = (0.1 * torch.arange(5.0))[None, :, None].expand(4, 5, 2)
+    assert total_variation(ramp).item() == pytest.approx(0.1)
+    mask = torch.zeros(4, 5, 1)
+    mask[:, :2] = 1  # one horizontal pair per row inside
+    assert total_variation(ramp, mask).item() == pytest.approx(0.1 * 4 / (4 + 3 * 2))
+    nrm = F.normalize(torch.randn(3, 3, 3), dim=-1)
+    alpha = torch.ones(3, 3, 1)
+    assert normal_consistency_loss(nrm, nrm, alpha).item() == pytest.approx(0.0, abs=1e-6)
+    assert normal_consistency_loss(nrm, -nrm, alpha).item() == pytest.approx(2.0, abs=1e-6)
+    assert normal_consistency_loss(nrm, -nrm, alpha * 0.5).item() == 0.0  # no confident pixel
+
+
+def test_edge_aware_smoothness_weights_and_jaw_loss():
+    img = torch.zeros(3, 4, 3)
+    img[:, 2:] = 1.0  # a vertical step: 3 differing horizontal pairs of 17 pairs in all
+    flat_guide = torch.full((3, 4, 3), 0.5)
+    mask = torch.ones(3, 4, 1)
+    assert edge_aware_smoothness(img, flat_guide, mask).item() == pytest.approx(3 / 17, rel=1e-5)
+    # the same step in the photograph's colour switches the pairs across it off
+    guide = flat_guide.clone()
+    guide[:, 2:] = torch.tensor([0.9, 0.1, 0.1])
+    assert edge_aware_smoothness(img, guide, mask).item() < 1e-6
+    jp = torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.2, 0.0]])
+    assert jaw_loss(jp, torch.zeros(2, 3)).item() == pytest.approx((0.01 + 0.04) / 2)
+    assert math.isclose(jaw_loss(jp, jp).item(), 0.0)
