@@ -271,7 +271,8 @@ class Trainer:
         # keep the values inside the encoder's output ranges (eyelids [0, 1], jaw as its clamps)
         v[E:E + 2] = v[E:E + 2].clamp(0, 1)
         v[E + 2] = v[E + 2].clamp(min=0)
-        v[E + 3:] = v[E + 3:].clamp(-0.2, 0.2)
+        lim = self.encoder.config.jaw_side_limit
+        v[E + 3:] = v[E + 3:].clamp(-lim, lim)
         k = int(torch.randint(len(self.train_set), (1,), generator=g))
         s = self.train_set[k]
         f = s.params.to(self.device)
