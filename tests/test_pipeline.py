@@ -37,11 +37,12 @@ def test_gbuffers_are_alpha_normalised():
     assert gb.depth[c, c, 0] == pytest.approx(0.5, abs=1e-4)
 
 
-def test_shading_of_constant_environment_matches_split_sum_integral():
+@pytest.mark.parametrize("compact", [True, False])
+def test_shading_of_constant_environment_matches_split_sum_integral(compact):
     L, albedo, rough, f0 = 0.7, (0.8, 0.4, 0.2), 0.6, 0.04
     g, cam = _disc_scene(opacity=0.9, albedo=albedo, rough=rough, f0=f0)
     gb = render_gbuffers(g, cam, backend="torch")
-    out = shade_gbuffers(gb, cam, constant_environment(L), load_brdf_lut())
+    out = shade_gbuffers(gb, cam, constant_environment(L), load_brdf_lut(), compact=compact)
     c = 16
     nov = float((gb.normal[c, c] * cam.view_dirs()[c, c]).sum())
     # independent: float64 quadrature of the split-sum terms, Fresnel with roughness by hand
@@ -52,6 +53,19 @@ def test_shading_of_constant_environment_matches_split_sum_integral():
     assert torch.allclose(out["diffuse"][c, c], torch.tensor(albedo) * L, atol=1e-4)
     # uncovered pixels stay zero
     assert out["shaded"][0, 0].abs().sum() == 0
+
+
+def test_compact_and_full_frame_shading_agree():
+    from hravatar.shading import make_builtin_environment, prefilter_latlong
+
+    g, cam = _disc_scene(opacity=0.8, rough=0.3)
+    gb = render_gbuffers(g, cam, backend="torch")
+    env, lut = prefilter_latlong(make_builtin_environment("sunset", width=64)), load_brdf_lut()
+    a = shade_gbuffers(gb, cam, env, lut, rotation_deg=40.0, compact=True)
+    b = shade_gbuffers(gb, cam, env, lut, rotation_deg=40.0, compact=False)
+    assert (a["shaded"].abs().sum(-1) > 0).sum() > 20  # the disc covers pixels
+    for k in ("shaded", "diffuse", "specular", "irradiance"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
 def test_material_edits_follow_the_method():
@@ -72,3 +86,19 @@ def test_shading_is_differentiable_through_masking():
     out = shade_gbuffers(gb, cam, constant_environment(1.0), load_brdf_lut())
     out["shaded"].sum().backward()
     assert g.albedo.grad is not None and (g.albedo.grad > 0).all()
+
+
+def test_renderer_follows_a_change_of_environment():
+    """The renderer keeps a device copy of the last environment: a new one must replace it."""
+    from hravatar.api import default_camera, resolve_environment, untrained_avatar
+    from hravatar.render.pipeline import AvatarRenderer, RenderSettings
+
+    bundle = untrained_avatar(num_gaussians=2000)
+    r = AvatarRenderer(bundle.avatar, "cpu", backend="torch")
+    cam = default_camera(bundle, 32)
+    s = RenderSettings(tonemap="aces")
+    bright, dark = constant_environment(2.0), constant_environment(0.2)
+    a = r.render(cam, None, bright, s).linear
+    b = r.render(cam, None, dark, s).linear
+    torch.testing.assert_close(b * 10.0, a, rtol=1e-4, atol=1e-5)  # shading is linear in the light
+    torch.testing.assert_close(r.render(cam, None, bright, s).linear, a)

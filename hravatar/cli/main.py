@@ -164,7 +164,7 @@ def cmd_synth(a: argparse.Namespace) -> None:
                 tasks[stage] = prog.add_task(stage, total=total)
             prog.update(tasks[stage], completed=done)
 
-        out = generate_synthetic(a.out_dir, cfg, progress=cb)
+        out = generate_synthetic(a.out_dir, cfg, progress=cb, device=_device(a.device))
     print(f"wrote {out}")
 
 
@@ -420,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--res", type=int, default=256)
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--gaussians", type=int, default=120000, help="Gaussians of the ground-truth subject")
+    sy.add_argument("--device", default="auto", help="where to render: cpu, cuda or auto")
     sy.set_defaults(func=cmd_synth)
 
     from hravatar.train.config import AvatarConfig, DensifySettings, LightConfig, LossConfig, LRConfig, TrainConfig

@@ -10,7 +10,7 @@ rotations, albedo maps and normal maps: our own relighting benchmark.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -214,13 +214,16 @@ def auto_exposure(radiance: Tensor, alpha: Tensor, target: float = 0.8) -> float
     return float(target / v.quantile(0.99).clamp(min=1e-6)) if v.numel() else 1.0
 
 
-def generate_synthetic(out_dir, cfg: SynthConfig, progress=None):
+def generate_synthetic(out_dir, cfg: SynthConfig, progress=None, device=None):
     """Render the synthetic benchmark into ``out_dir`` (atomic, resumable). Returns its Path.
 
     Args:
         out_dir: dataset folder to create.
         cfg: :class:`SynthConfig`.
         progress: optional callback ``(stage: str, done: int, total: int)``.
+        device: where to render (default: CUDA when available, else CPU). The subject, sequence
+            and written parameters are built on the CPU either way, so the dataset only differs
+            by float rounding in the rendered pixels.
     """
     from pathlib import Path
 
@@ -233,6 +236,7 @@ def generate_synthetic(out_dir, cfg: SynthConfig, progress=None):
     from hravatar.shading import load_brdf_lut, make_builtin_environment, prefilter_latlong, write_exr
 
     out_dir = Path(out_dir)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     head = load_builtin_head()
     subject = make_subject(head, cfg)
     n_test = max(1, int(round(cfg.frames * cfg.test_fraction)))
@@ -242,21 +246,23 @@ def generate_synthetic(out_dir, cfg: SynthConfig, progress=None):
     seq = FrameParams(*(torch.cat([getattr(train_seq, k), getattr(test_seq, k)]) for k in ("expr", "pose", "eyelids", "transl")))
     camera = default_camera(AvatarBundle(subject), cfg.res, fov_y_deg=cfg.fov_deg, zoom=cfg.zoom)
     camera = camera.resized(cfg.res, cfg.res)
-    lut = load_brdf_lut()
+    subject.to(dev)  # in place (nn.Module); parameters written below come back to the CPU
+    camera_dev = camera.to(dev)
+    lut = load_brdf_lut(device=dev)
     env_cache: dict[str, object] = {}
 
     def env_for(name: str):
         if name not in env_cache:
-            env_cache[name] = (make_builtin_environment(name, width=512), None)
-            env_cache[name] = (env_cache[name][0], prefilter_latlong(env_cache[name][0]))
+            latlong = make_builtin_environment(name, width=512)
+            env_cache[name] = (latlong, prefilter_latlong(latlong, device=dev))
         return env_cache[name]
 
     @torch.no_grad()
     def render(i: int, env_name: str, rot: float):
-        g = subject.deform(_frame(seq, i))
-        gb = render_gbuffers(g, camera, backend="torch")
-        sh = shade_gbuffers(gb, camera, env_for(env_name)[1], lut, rotation_deg=rot)
-        return gb, sh["shaded"]
+        gb = render_gbuffers(subject.deform(_frame(seq, i).to(dev)), camera_dev, backend="torch")
+        sh = shade_gbuffers(gb, camera_dev, env_for(env_name)[1], lut, rotation_deg=rot)
+        gb = replace(gb, **{k: getattr(gb, k).cpu() for k in ("albedo", "roughness", "f0", "normal", "depth", "alpha")})
+        return gb, sh["shaded"].cpu()
 
     # exposures: fixed per environment from a neutral reference frame
     exposures = {}
@@ -304,7 +310,7 @@ def generate_synthetic(out_dir, cfg: SynthConfig, progress=None):
     g = torch.Generator().manual_seed(cfg.seed + 99)
     expr_written = seq.expr + cfg.tracking_noise * torch.randn(seq.expr.shape, generator=g)
     params = {
-        "beta": subject.beta.clone(),
+        "beta": subject.beta.cpu().clone(),
         "K": camera.K.clone(),
         "viewmat": camera.viewmat[None].repeat(cfg.frames, 1, 1).clone(),
         "expr": expr_written,

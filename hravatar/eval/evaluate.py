@@ -3,6 +3,7 @@ albedo and normal errors on synthetic data."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
         scores["mae100"].append(mae100(pred, gt))
         scores["lpips"].append(lpips_or_none(pred, gt))
         if intrinsics is not None:
-            intrinsics.add(ds.frame_indices[i], out["gb"])
+            intrinsics.add(ds.frame_indices[i], out["gb"], s.mask.to(device))
         if j < 4:
             strip_rows.append((gt, pred))
     res: dict = {
@@ -112,6 +113,12 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
     return res
 
 
+def true_albedo(ds, g_idx: int, mask) -> "torch.Tensor":
+    """The stored true albedo of a frame [H, W, 3], un-premultiplied by its coverage ``mask``
+    [H, W, 1] (the files hold albedo * alpha, so silhouette pixels would read too dark)."""
+    return ds.gt_image("albedo", g_idx) / mask.clamp(min=0.5)
+
+
 class _IntrinsicErrors:
     """Albedo (scale-invariant MSE) and normal (cosine) errors against the synthetic ground
     truth, accumulated from the G-buffers of the evaluation renders, plus the per-channel albedo
@@ -126,12 +133,13 @@ class _IntrinsicErrors:
         self.lmse: list[float] = []
         self.ncos: list[float] = []
 
-    def add(self, g_idx: int, gb) -> None:
+    def add(self, g_idx: int, gb, mask) -> None:
+        """Accumulate one test frame (mask: its true coverage [H, W, 1])."""
         from hravatar.eval.metrics import normal_cosine, scale_invariant_mse
 
         m = gb.alpha[..., 0] > 0.5
         if g_idx in self.albedo_frames:
-            ga = self.ds.gt_image("albedo", g_idx)
+            ga = true_albedo(self.ds, g_idx, mask)
             gm = m & (ga.sum(-1) > 0)
             self.num += (gb.albedo[gm] * ga[gm]).sum(0)
             self.den += (gb.albedo[gm] ** 2).sum(0)
@@ -155,33 +163,63 @@ class _IntrinsicErrors:
 
 
 def _relighting_metrics(avatar, ds, frames, gt_info, lut, cfg, scale, device, rig=None) -> dict:
-    """PSNR/SSIM of the avatar relit by each ground-truth environment (frames: i -> (params, camera))."""
+    """PSNR/SSIM of the avatar relit by each ground-truth environment (frames: i -> (params, camera)).
+
+    Also attributes the relighting error: the same frames shaded with the true albedo, the true
+    normals, or both in place of the avatar's (its other G-buffers kept), as
+    "relight_attribution": {"gt_albedo", "gt_normal", "gt_albedo_normal"} mean PSNRs. The gap
+    each closes says how much of the error that channel carries.
+    """
     from hravatar.eval.metrics import psnr, ssim
+    from hravatar.render.pipeline import render_gbuffers, shade_gbuffers
     from hravatar.shading import load_envmap, prefilter_latlong
-    from hravatar.train.model import forward_render
+    from hravatar.train.model import camera_response
 
     relit_frames = set(gt_info.get("relit_frames", []))
-    per_env = {}
-    for e in gt_info.get("envs", []):
-        env = prefilter_latlong(load_envmap(ds.root / "gt" / e["envmap"]).to(device))
-        ps, ss = [], []
-        for i, (f, cam) in frames.items():
-            g_idx = ds.frame_indices[i]
-            if g_idx not in relit_frames:
-                continue
-            r = forward_render(avatar, f, cam, env, lut, response=gt_info.get("camera_response", "srgb"),
-                               shading=cfg.shading, exposure=float(e.get("exposure", 1.0)), rotation_deg=float(e.get("rotation_deg", 0.0)),
-                               albedo_scale=scale, rig=rig)
+    have_albedo = set(gt_info.get("albedo_frames", []))
+    have_normal = set(gt_info.get("normal_frames", []))
+    envs = [(e, prefilter_latlong(load_envmap(ds.root / "gt" / e["envmap"]).to(device))) for e in gt_info.get("envs", [])]
+    response = gt_info.get("camera_response", "srgb")
+    scores: dict[str, dict[str, list]] = {e["name"]: {"psnr": [], "ssim": []} for e, _ in envs}
+    swaps: dict[str, list] = {"gt_albedo": [], "gt_normal": [], "gt_albedo_normal": []}
+    for i, (f, cam) in frames.items():
+        g_idx = ds.frame_indices[i]
+        if g_idx not in relit_frames:
+            continue
+        g = rig.deform(avatar, f) if rig is not None else avatar.deform(f)
+        gb = render_gbuffers(g, cam)
+        if scale is not None:
+            gb.albedo = gb.albedo * scale
+        variants = {"avatar": gb}
+        if g_idx in have_albedo and g_idx in have_normal and cfg.shading != "color":
+            true_alb, true_n = true_albedo(ds, g_idx, ds[i].mask.to(device)), ds.gt_image("normal", g_idx)
+            known = true_n.abs().sum(-1, keepdim=True) > 0  # inside the true silhouette
+            alb = torch.where(known, true_alb, gb.albedo)
+            nrm = torch.where(known, true_n, gb.normal)
+            variants["gt_albedo"] = replace(gb, albedo=alb)
+            variants["gt_normal"] = replace(gb, normal=nrm)
+            variants["gt_albedo_normal"] = replace(gb, albedo=alb, normal=nrm)
+        for e, env in envs:
             gt = ds.gt_image("relit", g_idx, e["name"])
-            ps.append(psnr(r["rgb"].clamp(0, 1), gt))
-            ss.append(ssim(r["rgb"].clamp(0, 1), gt))
-        if ps:
-            per_env[e["name"]] = {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss))}
+            for name, v in variants.items():
+                if cfg.shading == "color":  # the no-PBS ablation: baked colours, nothing to relight
+                    rgb = (v.albedo * v.alpha).clamp(0, 1)
+                else:
+                    sh = shade_gbuffers(v, cam, env, lut, rotation_deg=float(e.get("rotation_deg", 0.0)))
+                    rgb = (camera_response(sh["shaded"] * float(e.get("exposure", 1.0)), response) * v.alpha).clamp(0, 1)
+                if name == "avatar":
+                    scores[e["name"]]["psnr"].append(psnr(rgb, gt))
+                    scores[e["name"]]["ssim"].append(ssim(rgb, gt))
+                else:
+                    swaps[name].append(psnr(rgb, gt))
+    per_env = {k: {"psnr": float(np.mean(v["psnr"])), "ssim": float(np.mean(v["ssim"]))} for k, v in scores.items() if v["psnr"]}
     out: dict = {}
     if per_env:
         out["relight"] = per_env
         out["relight_psnr"] = float(np.mean([v["psnr"] for v in per_env.values()]))
         out["relight_ssim"] = float(np.mean([v["ssim"] for v in per_env.values()]))
+    if all(swaps.values()):
+        out["relight_attribution"] = {k: float(np.mean(v)) for k, v in swaps.items()}
     return out
 
 

@@ -89,7 +89,7 @@ def apply_material_edit(albedo: Tensor, roughness: Tensor, f0: Tensor, edit: Mat
 
 
 def shade_gbuffers(gb: GBuffers, camera: Camera, env, brdf_lut: Tensor, rotation_deg: float = 0.0,
-                   material: MaterialEdit | None = None) -> dict[str, Tensor]:
+                   material: MaterialEdit | None = None, compact: bool | None = None) -> dict[str, Tensor]:
     """Split-sum image-based shading of G-buffers (linear radiance, no background).
 
     Args:
@@ -97,6 +97,8 @@ def shade_gbuffers(gb: GBuffers, camera: Camera, env, brdf_lut: Tensor, rotation
         env: a prefiltered :class:`hravatar.shading.Environment`.
         brdf_lut: [S, S, 2] split-sum LUT.
         rotation_deg: environment rotation about +y.
+        compact: shade only the covered pixels (gathered, then scattered back) rather than
+            all of them; None picks compact on CPU and full-frame on CUDA. Same result.
     Returns:
         dict with "shaded", "diffuse", "specular", "irradiance" [H,W,3] (linear, premultiplied
         by nothing: composite with :func:`composite`).
@@ -105,11 +107,18 @@ def shade_gbuffers(gb: GBuffers, camera: Camera, env, brdf_lut: Tensor, rotation
 
     albedo, rough, f0 = apply_material_edit(gb.albedo, gb.roughness, gb.f0, material or MaterialEdit())
     viewdir = camera.view_dirs().to(gb.normal)
-    # shade only covered pixels: the head rarely fills the frame and lookups dominate the cost
     mask = gb.alpha[..., 0] > 1.0 / 255.0
+    names = (("shaded", "rgb"), ("diffuse", "diffuse"), ("specular", "specular"), ("irradiance", "irradiance"))
+    if compact is None:
+        compact = not gb.alpha.is_cuda
+    if not compact:
+        # a GPU shades every pixel faster than it can compact the covered ones (no host sync)
+        out = shade(albedo, rough, f0, gb.normal, viewdir, env, brdf_lut, rotation_deg=rotation_deg)
+        return {ours: torch.where(mask[..., None], out[theirs], 0.0) for ours, theirs in names}
+    # on a CPU shade only covered pixels: the head rarely fills the frame
     out = shade(albedo[mask], rough[mask], f0[mask], gb.normal[mask], viewdir[mask], env, brdf_lut, rotation_deg=rotation_deg)
     res = {}
-    for ours, theirs in (("shaded", "rgb"), ("diffuse", "diffuse"), ("specular", "specular"), ("irradiance", "irradiance")):
+    for ours, theirs in names:
         full = gb.albedo.new_zeros(*mask.shape, 3)
         res[ours] = full.masked_scatter(mask[..., None].expand_as(full), out[theirs])
     return res
@@ -192,6 +201,14 @@ class AvatarRenderer:
         self.avatar = avatar.to(self.device)
         self.backend = backend
         self.brdf_lut = load_brdf_lut(self.device)
+        self._env_src = None  # the last environment passed in and its copy on self.device
+        self._env_dev = None
+
+    def _device_env(self, env):
+        """``env`` on the render device, copied once per environment object, not per frame."""
+        if env is not self._env_src:
+            self._env_src, self._env_dev = env, env.to(self.device)
+        return self._env_dev
 
     @torch.no_grad()
     def render(self, camera: Camera, frame: FrameParams | None, env, settings: RenderSettings | None = None) -> RenderResult:
@@ -219,7 +236,7 @@ class AvatarRenderer:
         t2 = time.perf_counter()
         shaded = None
         if s.channel in ("shaded", "diffuse", "specular", "irradiance"):
-            shaded = shade_gbuffers(gb, cam, env.to(self.device), self.brdf_lut, s.rotation_deg, s.material)
+            shaded = shade_gbuffers(gb, cam, self._device_env(env), self.brdf_lut, s.rotation_deg, s.material)
         lin = channel_image(s.channel, gb, shaded)
         if s.channel in ("shaded", "diffuse", "specular", "irradiance") and s.tonemap != "clamp":
             disp = tonemap(lin, exposure_stops=s.exposure, operator=s.tonemap)

@@ -39,6 +39,7 @@ falls on the face from the camera side.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -159,25 +160,39 @@ def rotate_y(dirs: Tensor, angle_deg: float | Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- sampling
-def _seam_source_index(res: int, device) -> Tensor:
-    """Flat source texel of every texel of the padded cube [6, R+2, R+2] (corners: -1)."""
-    P = res + 2
-    k = torch.arange(P, device=device, dtype=torch.float64)
-    ii, jj = torch.meshgrid(k, k, indexing="ij")
-    face = torch.arange(6, device=device)[:, None, None].expand(6, P, P)
-    # padded (i, j) is texel (i-1, j-1) of the face, possibly on its extended plane
-    u = ((jj - 1.0 + 0.5) / res).expand(6, P, P)
-    v = ((ii - 1.0 + 0.5) / res).expand(6, P, P)
-    # project the extended-plane point back onto the cube; half a texel beyond an edge lands
-    # inside the first texel row of the neighbouring face (the shrink is < half a texel)
-    f2, u2, v2 = dir_to_cube_uv(face_uv_to_dir(face, u, v))
-    j2 = (u2 * res).floor().long().clamp(0, res - 1)
-    i2 = (v2 * res).floor().long().clamp(0, res - 1)
-    src = (f2 * res + i2) * res + j2
-    border_i = (ii == 0) | (ii == P - 1)
-    border_j = (jj == 0) | (jj == P - 1)
-    corner = (border_i & border_j).expand(6, P, P)
-    return torch.where(corner, torch.full_like(src, -1), src)
+@functools.lru_cache(maxsize=64)
+def _seam_source_index(res: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Where every texel of the padded cube [6, R+2, R+2] comes from.
+
+    Memoised per (res, device): it only depends on the layout. Built outside inference mode
+    so that autograd may save it as an index.
+
+    Returns:
+        src: [6*(R+2)^2] flat source texel in the cube [6*R*R] (corners: any valid texel);
+        corner_rows: [24] flat padded rows of the corners;
+        corner_src: [24, 3] the three cube texels each corner averages.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        P = res + 2
+        k = torch.arange(P, device=device, dtype=torch.float64)
+        ii, jj = torch.meshgrid(k, k, indexing="ij")
+        face = torch.arange(6, device=device)[:, None, None].expand(6, P, P)
+        # padded (i, j) is texel (i-1, j-1) of the face, possibly on its extended plane
+        u = ((jj - 1.0 + 0.5) / res).expand(6, P, P)
+        v = ((ii - 1.0 + 0.5) / res).expand(6, P, P)
+        # project the extended-plane point back onto the cube; half a texel beyond an edge lands
+        # inside the first texel row of the neighbouring face (the shrink is < half a texel)
+        f2, u2, v2 = dir_to_cube_uv(face_uv_to_dir(face, u, v))
+        j2 = (u2 * res).floor().long().clamp(0, res - 1)
+        i2 = (v2 * res).floor().long().clamp(0, res - 1)
+        src = (f2 * res + i2) * res + j2  # [6, P, P]
+        rows, srcs = [], []
+        # a padded corner takes the mean of its two edge neighbours and its diagonal one
+        for ci, cj, ni, nj in ((0, 0, 1, 1), (0, P - 1, 1, P - 2), (P - 1, 0, P - 2, 1), (P - 1, P - 1, P - 2, P - 2)):
+            f = torch.arange(6, device=device)
+            rows.append((f * P + ci) * P + cj)
+            srcs.append(torch.stack([src[:, ci, nj], src[:, ni, cj], src[:, ni, nj]], -1))
+        return src.reshape(-1), torch.cat(rows), torch.cat(srcs)
 
 
 def pad_cube(cube: Tensor) -> Tensor:
@@ -191,32 +206,44 @@ def pad_cube(cube: Tensor) -> Tensor:
         [6, R+2, R+2, C] (differentiable w.r.t. ``cube``).
     """
     R, C = cube.shape[1], cube.shape[3]
-    src = _seam_source_index(R, cube.device)
+    src, corner_rows, corner_src = _seam_source_index(R, torch.device(cube.device))
     flat = cube.reshape(6 * R * R, C)
-    p = flat[src.clamp_min(0)]  # corners are filled below
-    P = R + 2
-    for ci, cj, ni, nj in ((0, 0, 1, 1), (0, P - 1, 1, P - 2), (P - 1, 0, P - 2, 1), (P - 1, P - 1, P - 2, P - 2)):
-        p[:, ci, cj] = (p[:, ci, nj] + p[:, ni, cj] + p[:, ni, nj]) / 3.0
-    return p
+    p = flat[src].index_put((corner_rows,), flat[corner_src].mean(1))
+    return p.reshape(6, R + 2, R + 2, C)
 
 
 def _bilinear_padded(padded: Tensor, face: Tensor, u: Tensor, v: Tensor) -> Tensor:
-    """Bilinear lookup in a padded cube; face/u/v: [N] -> [N, C]."""
-    P, C = padded.shape[1], padded.shape[3]
-    R = P - 2
+    """Bilinear lookup in a padded cube [6, R+2, R+2, C]; face/u/v: [N] -> [N, C]."""
+    R, C = padded.shape[1] - 2, padded.shape[3]
+    zero = torch.zeros((), dtype=torch.long, device=face.device)
+    return _bilinear_flat(padded.reshape(-1, C), zero, torch.full_like(face, R), face, u, v)
+
+
+def _bilinear_flat(table: Tensor, offset: Tensor, res: Tensor, face: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """Bilinear lookup of padded cubes stored flat.
+
+    Args:
+        table: [T, C] texels of one or more padded cubes [6, R+2, R+2, C], concatenated.
+        offset: [N] (or scalar) int64 first row of each sample's cube in ``table``.
+        res: [N] int64 face resolution R of each sample's cube.
+        face, u, v: [N] cube coordinates (:func:`dir_to_cube_uv`).
+    Returns:
+        [N, C].
+    """
+    R = res.to(u.dtype)
+    P = res + 2
     # continuous padded-texel coordinate: texel j's centre (j + 0.5) / R sits at j + 1
     x = u * R + 0.5
     y = v * R + 0.5
-    j0 = x.detach().floor().clamp(0, R).long()
-    i0 = y.detach().floor().clamp(0, R).long()
+    j0 = torch.minimum(x.detach().floor().clamp_min(0), R).long()
+    i0 = torch.minimum(y.detach().floor().clamp_min(0), R).long()
     fx = (x - j0.to(x.dtype))[:, None]
     fy = (y - i0.to(y.dtype))[:, None]
-    flat = padded.reshape(6 * P * P, C)
-    base = (face * P + i0) * P + j0
-    t00 = flat[base]
-    t01 = flat[base + 1]
-    t10 = flat[base + P]
-    t11 = flat[base + P + 1]
+    base = offset + (face * P + i0) * P + j0
+    t00 = table[base]
+    t01 = table[base + 1]
+    t10 = table[base + P]
+    t11 = table[base + P + 1]
     top = t00 + (t01 - t00) * fx
     bot = t10 + (t11 - t10) * fx
     return top + (bot - top) * fy
@@ -296,19 +323,22 @@ def sample_cube_mips(mips: list[Tensor], dirs: Tensor, level: Tensor | float, ba
             filter_mode="linear-mipmap-linear", boundary_mode="cube",
         )
         return out.reshape(*lead, C).to(mips[0].dtype)
-    d = dirs.reshape(-1, 3)
-    lv = level.reshape(-1)
-    face, u, v = dir_to_cube_uv(d)
+    face, u, v = dir_to_cube_uv(dirs.reshape(-1, 3))
     u, v = u.to(mips[0].dtype), v.to(mips[0].dtype)
-    out = torch.zeros(d.shape[0], C, dtype=mips[0].dtype, device=d.device)
-    for li, m in enumerate(mips):
-        w = (1.0 - (lv - li).abs()).clamp_min(0.0)
-        # only look up the samples that use this level (most use two of L levels)
-        idx = torch.nonzero(w > 0, as_tuple=True)[0]
-        if idx.numel() == 0:
-            continue
-        val = _bilinear_padded(pad_cube(m), face[idx], u[idx], v[idx])
-        out = out.index_add(0, idx, val * w[idx, None])
+    lv = level.reshape(-1)
+    if L == 1:
+        return _bilinear_padded(pad_cube(mips[0]), face, u, v).reshape(*lead, C)
+    # all padded levels in one flat table: each sample blends two bilinear taps of adjacent
+    # levels, gathered in one pass (no per-level loop, no data-dependent indexing)
+    pads = [pad_cube(m) for m in mips]
+    table = torch.cat([p.reshape(-1, C) for p in pads])
+    sizes = torch.tensor([m.shape[1] for m in mips], device=dirs.device)
+    offsets = torch.cumsum(6 * (sizes + 2) ** 2, 0) - 6 * (sizes + 2) ** 2
+    l0 = lv.detach().floor().clamp(0, L - 2).long()
+    t = (lv - l0.to(lv.dtype))[:, None]
+    lo = _bilinear_flat(table, offsets[l0], sizes[l0], face, u, v)
+    hi = _bilinear_flat(table, offsets[l0 + 1], sizes[l0 + 1], face, u, v)
+    out = lo + (hi - lo) * t
     return out.reshape(*lead, C)
 
 
