@@ -83,8 +83,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
         f = s.params.to(device)
         if enc is not None:
             f, _ = encoded_frame(enc, f, s.image.to(device), boxes[i], cfg.encoder_res)
-        cam = s.camera.to(device)
-        frames[i] = (f, cam)
+        cam, mask = s.camera.to(device), s.mask.to(device)
+        frames[i] = (f, cam, mask)
         out = forward_render(avatar, f, cam, learned_env, lut, response=cfg.camera_response, shading=cfg.shading, rig=rig)
         pred, gt = out["rgb"].clamp(0, 1), s.image.to(device)
         scores["psnr"].append(psnr(pred, gt))
@@ -92,7 +92,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
         scores["mae100"].append(mae100(pred, gt))
         scores["lpips"].append(lpips_or_none(pred, gt))
         if intrinsics is not None:
-            intrinsics.add(ds.frame_indices[i], out["gb"], s.mask.to(device))
+            intrinsics.add(ds.frame_indices[i], out["gb"], mask)
         if j < 4:
             strip_rows.append((gt, pred))
     res: dict = {
@@ -163,7 +163,8 @@ class _IntrinsicErrors:
 
 
 def _relighting_metrics(avatar, ds, frames, gt_info, lut, cfg, scale, device, rig=None) -> dict:
-    """PSNR/SSIM of the avatar relit by each ground-truth environment (frames: i -> (params, camera)).
+    """PSNR/SSIM of the avatar relit by each ground-truth environment (frames: i -> (params,
+    camera, true coverage mask [H, W, 1])).
 
     Also attributes the relighting error: the same frames shaded with the true albedo, the true
     normals, or both in place of the avatar's (its other G-buffers kept), as
@@ -182,7 +183,7 @@ def _relighting_metrics(avatar, ds, frames, gt_info, lut, cfg, scale, device, ri
     response = gt_info.get("camera_response", "srgb")
     scores: dict[str, dict[str, list]] = {e["name"]: {"psnr": [], "ssim": []} for e, _ in envs}
     swaps: dict[str, list] = {"gt_albedo": [], "gt_normal": [], "gt_albedo_normal": []}
-    for i, (f, cam) in frames.items():
+    for i, (f, cam, mask) in frames.items():
         g_idx = ds.frame_indices[i]
         if g_idx not in relit_frames:
             continue
@@ -192,7 +193,7 @@ def _relighting_metrics(avatar, ds, frames, gt_info, lut, cfg, scale, device, ri
             gb.albedo = gb.albedo * scale
         variants = {"avatar": gb}
         if g_idx in have_albedo and g_idx in have_normal and cfg.shading != "color":
-            true_alb, true_n = true_albedo(ds, g_idx, ds[i].mask.to(device)), ds.gt_image("normal", g_idx)
+            true_alb, true_n = true_albedo(ds, g_idx, mask), ds.gt_image("normal", g_idx)
             known = true_n.abs().sum(-1, keepdim=True) > 0  # inside the true silhouette
             alb = torch.where(known, true_alb, gb.albedo)
             nrm = torch.where(known, true_n, gb.normal)

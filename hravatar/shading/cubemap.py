@@ -187,9 +187,9 @@ def _seam_source_index(res: int, device: torch.device) -> tuple[Tensor, Tensor, 
         i2 = (v2 * res).floor().long().clamp(0, res - 1)
         src = (f2 * res + i2) * res + j2  # [6, P, P]
         rows, srcs = [], []
+        f = torch.arange(6, device=device)
         # a padded corner takes the mean of its two edge neighbours and its diagonal one
         for ci, cj, ni, nj in ((0, 0, 1, 1), (0, P - 1, 1, P - 2), (P - 1, 0, P - 2, 1), (P - 1, P - 1, P - 2, P - 2)):
-            f = torch.arange(6, device=device)
             rows.append((f * P + ci) * P + cj)
             srcs.append(torch.stack([src[:, ci, nj], src[:, ni, cj], src[:, ni, nj]], -1))
         return src.reshape(-1), torch.cat(rows), torch.cat(srcs)
@@ -215,8 +215,8 @@ def pad_cube(cube: Tensor) -> Tensor:
 def _bilinear_padded(padded: Tensor, face: Tensor, u: Tensor, v: Tensor) -> Tensor:
     """Bilinear lookup in a padded cube [6, R+2, R+2, C]; face/u/v: [N] -> [N, C]."""
     R, C = padded.shape[1] - 2, padded.shape[3]
-    zero = torch.zeros((), dtype=torch.long, device=face.device)
-    return _bilinear_flat(padded.reshape(-1, C), zero, torch.full_like(face, R), face, u, v)
+    zero, res = (torch.tensor(x, device=face.device) for x in (0, R))  # 0-dim: broadcast over samples
+    return _bilinear_flat(padded.reshape(-1, C), zero, res, face, u, v)
 
 
 def _bilinear_flat(table: Tensor, offset: Tensor, res: Tensor, face: Tensor, u: Tensor, v: Tensor) -> Tensor:
@@ -224,8 +224,8 @@ def _bilinear_flat(table: Tensor, offset: Tensor, res: Tensor, face: Tensor, u: 
 
     Args:
         table: [T, C] texels of one or more padded cubes [6, R+2, R+2, C], concatenated.
-        offset: [N] (or scalar) int64 first row of each sample's cube in ``table``.
-        res: [N] int64 face resolution R of each sample's cube.
+        offset: [N] (or 0-dim) int64 first row of each sample's cube in ``table``.
+        res: [N] (or 0-dim) int64 face resolution R of each sample's cube.
         face, u, v: [N] cube coordinates (:func:`dir_to_cube_uv`).
     Returns:
         [N, C].
@@ -333,7 +333,8 @@ def sample_cube_mips(mips: list[Tensor], dirs: Tensor, level: Tensor | float, ba
     pads = [pad_cube(m) for m in mips]
     table = torch.cat([p.reshape(-1, C) for p in pads])
     sizes = torch.tensor([m.shape[1] for m in mips], device=dirs.device)
-    offsets = torch.cumsum(6 * (sizes + 2) ** 2, 0) - 6 * (sizes + 2) ** 2
+    rows = 6 * (sizes + 2) ** 2
+    offsets = rows.cumsum(0) - rows
     l0 = lv.detach().floor().clamp(0, L - 2).long()
     t = (lv - l0.to(lv.dtype))[:, None]
     lo = _bilinear_flat(table, offsets[l0], sizes[l0], face, u, v)
