@@ -9,6 +9,7 @@ from hravatar.render.camera import orbit_camera
 from hravatar.train.losses import (
     edge_aware_smoothness,
     flatness_loss,
+    eyelid_loss,
     jaw_loss,
     normal_consistency_loss,
     normals_from_depth,
@@ -72,3 +73,26 @@ def test_edge_aware_smoothness_weights_and_jaw_loss():
     jp = torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.2, 0.0]])
     assert jaw_loss(jp, torch.zeros(2, 3)).item() == pytest.approx((0.01 + 0.04) / 2)
     assert math.isclose(jaw_loss(jp, jp).item(), 0.0)
+    # through the clamps: a closed (negative) opening unit still feels an open-mouth frame, a
+    # side angle past its limit costs nothing when the tracked one sits on that limit
+    raw = torch.tensor([[-0.3, 0.5, 0.0]], requires_grad=True)
+    loss = jaw_loss(raw, torch.tensor([[0.2, 0.2, 0.0]]), side_limit=0.2)
+    assert loss.item() == pytest.approx(0.5 ** 2)
+    loss.backward()
+    assert raw.grad[0, 0] < 0 and raw.grad[0, 1] == 0
+    assert jaw_loss(torch.tensor([[-0.3, 0.0, 0.0]]), torch.zeros(1, 3)).item() == 0
+
+
+def test_eyelid_loss_keeps_a_gradient_below_the_clamp():
+    # raw eyelids (before the [0, 1] clamp) against tracked values
+    raw = torch.tensor([[-0.5, 0.3], [1.4, -2.0]], requires_grad=True)
+    tracked = torch.tensor([[1.0, 0.5], [1.0, 0.0]])
+    loss = eyelid_loss(raw, tracked)
+    # a blink seen with the unit below the clamp costs (1.5)^2 and pulls the raw value up;
+    # inside the range it is the plain error; past the bound the target sits on it costs nothing
+    assert loss.item() == pytest.approx((1.5 ** 2 + 0.2 ** 2 + 0.0 + 0.0) / 2)
+    loss.backward()
+    assert raw.grad[0, 0] < 0 and raw.grad[0, 1] < 0
+    assert raw.grad[1, 0] == 0 and raw.grad[1, 1] == 0
+    # the clamped output would have given no gradient on the first unit
+    assert torch.autograd.grad(((raw.clamp(0, 1) - tracked) ** 2).sum(), raw)[0][0, 0] == 0

@@ -100,6 +100,28 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_dataset, tmp_path):
     assert abs(full.quick_eval()["psnr"] - resumed.quick_eval()["psnr"]) < 0.2
 
 
+def test_resume_accepts_options_added_since_and_refuses_changed_ones(tiny_dataset, tmp_path):
+    from hravatar.io.safe import CheckpointError
+    from hravatar.train.config import LossConfig
+    from hravatar.train.state import load_train_state, save_train_state
+
+    root, head = tiny_dataset
+    cfg = _cfg(10)
+    part = Trainer(root, tmp_path / "r", cfg, head=head)
+    part.run(stop_flag=lambda: part.iteration >= 5)
+    # a state written before the eyelid anchor existed: its config has no such key
+    path = tmp_path / "r" / "state.safetensors"
+    t, meta = load_train_state(path)
+    del meta["config"]["loss"]["eyelids"]
+    meta.pop("format")
+    save_train_state(path, t, meta)
+    resumed = Trainer(root, tmp_path / "r", cfg, head=head)
+    assert resumed.resume() and resumed.iteration == 5
+    changed = Trainer(root, tmp_path / "r", replace(cfg, loss=LossConfig(jaw=0.1)), head=head)
+    with pytest.raises(CheckpointError, match=r"different configuration \(loss\)"):
+        changed.resume()
+
+
 def test_random_background_composites_render_and_frame_over_the_same_colour(tiny_dataset, tmp_path, monkeypatch):
     root, head = tiny_dataset
     from hravatar.train.config import LossConfig
@@ -272,3 +294,76 @@ def test_training_on_cuda_tracks_cpu_and_loads_on_cpu(tiny_dataset, tmp_path):
     with torch.no_grad():
         gb = render_gbuffers(b.avatar.deform(f), cam, backend="torch")
     assert torch.isfinite(gb.albedo).all() and gb.alpha.max() > 0.5
+
+
+def test_fused_adam_matches_reference_adam_and_resumes_across_implementations():
+    from hravatar.train.state import load_optimizer_tensors, optimizer_tensors
+    from hravatar.train.trainer import adam
+
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(50, 3, generator=g)
+    grads = [torch.randn(50, 3, generator=g) for _ in range(6)]
+    fast = torch.nn.Parameter(init.clone())
+    ref = torch.nn.Parameter(init.clone())
+    opt_fast = adam([fast], lr=1e-2, eps=1e-15)
+    opt_ref = torch.optim.Adam([ref], lr=1e-2, eps=1e-15, foreach=False, fused=False)  # the for-loop reference
+    assert opt_fast.param_groups[0]["fused"]
+    for i, gr in enumerate(grads):
+        if i == 3:  # save the reference's state and continue it in the fused optimiser, and back
+            t_ref, m_ref = optimizer_tensors("o", opt_ref)
+            t_fast, m_fast = optimizer_tensors("o", opt_fast)
+            load_optimizer_tensors("o", opt_fast, t_ref, m_ref)
+            load_optimizer_tensors("o", opt_ref, t_fast, m_fast)
+            assert opt_fast.param_groups[0]["fused"] and not opt_ref.param_groups[0]["fused"]
+        for p, o in ((fast, opt_fast), (ref, opt_ref)):
+            p.grad = gr.clone()
+            o.step()
+    assert (fast - init).abs().max() > 1e-2  # it moved
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_expression_recentering_is_exact_and_removes_the_offset(tiny_dataset, tmp_path):
+    root, head = tiny_dataset
+    cfg = _cfg(4, encoder=True, encoder_res=32, encoder_pretrain_iters=0, recenter_expr_every=0)
+    tr = Trainer(root, tmp_path / "r", cfg, head=head)
+    tr.encoder.config.freeze_bn = True
+    tr.encoder.train()
+    for _ in range(3):
+        tr.train_step()
+    E = tr.avatar.num_expr
+    with torch.no_grad():  # the encoder drifted by a constant offset (the gauge the loss cannot see)
+        tr.encoder.expression_layers[0].bias[:E] += 0.7
+    tr.enc_bank[:, :E] = tr.tracked_expr + 0.7 + 0.01 * torch.randn_like(tr.tracked_expr)
+    tr.enc_bank_filled[:] = True
+    tr.encoder.eval()
+    s = tr.train_set[1]
+    with torch.no_grad():
+        before_f, before_e = tr.frame_params(s, "train", 1)
+        before = tr.avatar.deform(before_f).means
+        c = tr.recenter_expressions()
+        after_f, after_e = tr.frame_params(s, "train", 1)
+        after = tr.avatar.deform(after_f).means
+    assert (c - 0.7).abs().max() < 0.03
+    torch.testing.assert_close(after_e["expr"], before_e["expr"] - c, atol=1e-5, rtol=0)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)  # every Gaussian stays where it was
+    off = (tr.enc_bank[:, :E] - tr.tracked_expr).mean(0)
+    assert off.abs().max() < 1e-5
+    # not applicable without an encoder
+    tr2 = Trainer(root, tmp_path / "s", _cfg(2), head=head)
+    assert tr2.recenter_expressions() is None
+
+
+def test_evaluation_reports_tracked_driving_beside_encoder_driving(tiny_dataset, tmp_path, monkeypatch):
+    import hravatar.train.model
+    from hravatar.eval.evaluate import evaluate
+
+    root, head = tiny_dataset
+    Trainer(root, tmp_path / "e", _cfg(4, encoder=True, encoder_res=32, encoder_pretrain_iters=2), head=head).run()
+    res = evaluate(tmp_path / "e", root, "cpu")
+    assert res["psnr_tracked"] is not None and res["psnr_tracked"] != res["psnr"]
+    # an encoder that returns the tracked parameters makes the two figures the same
+    monkeypatch.setattr(hravatar.train.model, "encoded_frame", lambda enc, f, *a: (f, None))
+    same = evaluate(tmp_path / "e", root, "cpu")
+    assert same["psnr_tracked"] == pytest.approx(same["psnr"], abs=1e-9)
+    Trainer(root, tmp_path / "n", _cfg(2, encoder=False), head=head).run()
+    assert evaluate(tmp_path / "n", root, "cpu")["psnr_tracked"] is None

@@ -299,6 +299,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
         atomic_write_bytes(out.with_suffix(".md"), table.encode())
         print(table)
         return
+    if not a.json and Path(a.target).is_dir():
+        a.json = str(Path(a.target) / "eval.json")  # a run folder keeps its evaluation
     strip = Path(a.json).with_name(Path(a.json).stem + "_strip.png") if a.json else None
     res = evaluate(a.target, a.data, dev, max_frames=a.max_frames, strip_path=strip)
     if a.json:
@@ -446,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a trained avatar on the test frames (or run the ablations)")
     ev.add_argument("target", help="run folder or checkpoint (with --ablations: the folder for the ablation runs)")
     ev.add_argument("--data", required=True, help="dataset folder")
-    ev.add_argument("--json", default=None, help="write results here (plus .md table and _strip.png)")
+    ev.add_argument("--json", default=None, help="write results here (plus .md table and _strip.png); default RUN_DIR/eval.json for a run folder")
     ev.add_argument("--max-frames", type=int, default=None, help="evaluate at most this many test frames")
     ev.add_argument("--ablations", action="store_true", help="train and evaluate the method's ablation switches")
     ev.add_argument("--retrain", action="store_true", help="with --ablations: retrain existing runs")

@@ -88,10 +88,24 @@ def output_regression_loss(raw: Tensor, target: Tensor, jaw_side_limit: float = 
     lo[:, n_expr : n_expr + 2], hi[:, n_expr : n_expr + 2] = 0.0, 1.0
     lo[:, n_expr + 2] = 0.0
     lo[:, n_expr + 3 :], hi[:, n_expr + 3 :] = -jaw_side_limit, jaw_side_limit
+    return (bounded_regression_error(raw, target, lo, hi) ** 2).mean()
+
+
+def bounded_regression_error(raw: Tensor, target: Tensor, lo, hi) -> Tensor:
+    """Error of raw outputs that are clamped to [lo, hi] downstream, to targets inside that range.
+
+    ``raw - target``, except where the target sits on a bound: there only the raw value's excess
+    beyond the bound counts (any raw value past it gives the same clamped output). Unlike the
+    error of the clamped output, it keeps a gradient on raw values that left the range.
+
+    Args:
+        raw, target: [..., D]; lo, hi: bounds broadcastable to them (+-inf for none).
+    Returns:
+        [..., D] error.
+    """
     err = raw - target
     err = torch.where(target <= lo, (raw - lo).clamp(min=0), err)
-    err = torch.where(target >= hi, (raw - hi).clamp(max=0), err)
-    return (err ** 2).mean()
+    return torch.where(target >= hi, (raw - hi).clamp(max=0), err)
 
 
 class ExpressionEncoder(nn.Module):

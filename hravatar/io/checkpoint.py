@@ -31,7 +31,7 @@ from hravatar.utils.dataclass_cli import dataclass_from_dict
 from .safe import CheckpointError, load_safetensors_checked, read_safetensors_header, save_safetensors_atomic
 
 FORMAT = "hravatar-avatar"
-VERSION = 1
+VERSION = 2  # 2: compact files may hold int8 bases (key + Q8_SCALE)
 
 
 @dataclass
@@ -55,8 +55,37 @@ class AvatarBundle:
     meta: dict = field(default_factory=dict)
 
 
-#: Large per-Gaussian bases that ``save_checkpoint(..., compact=True)`` stores as float16.
+#: Large per-Gaussian bases that ``save_checkpoint(..., compact=True)`` stores as int8 with
+#: one float32 scale per Gaussian (key + ``Q8_SCALE``).
 HALF_KEYS = ("avatar.shapedirs", "avatar.exprdirs", "avatar.posedirs", "avatar.eyelid_dirs")
+Q8_SCALE = ".q8scale"
+
+
+def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 quantisation with one scale per row (first dimension).
+
+    Args:
+        x: [N, ...] float.
+    Returns:
+        (q [N, ...] int8, scale [N] float32) with ``x ~= q * scale[:, None, ...]``; the error
+        of an entry is at most half a step, i.e. max(|row|) / 254.
+    """
+    x = x.detach().float()
+    scale = x.reshape(x.shape[0], -1).abs().amax(-1).clamp_min(1e-12) / 127.0 if x.numel() else torch.zeros(x.shape[0])
+    q = torch.round(x / scale.reshape(-1, *([1] * (x.dim() - 1)))).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _dequantize(tensors: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """Replace every int8 tensor that has a ``Q8_SCALE`` partner by its float32 values."""
+    out = dict(tensors)
+    for k in [k for k in tensors if k.endswith(Q8_SCALE)]:
+        base = k[: -len(Q8_SCALE)]
+        q, scale = out.pop(base, None), out.pop(k)
+        if q is None or q.dtype != torch.int8 or scale.dim() != 1 or q.dim() < 1 or scale.shape[0] != q.shape[0]:
+            raise CheckpointError(f"{path}: quantised tensor '{base}' does not match its scale")
+        out[base] = q.float() * scale.float().reshape(-1, *([1] * (q.dim() - 1)))
+    return out
 
 
 def bake_identity(avatar: GaussianAvatar) -> GaussianAvatar:
@@ -79,8 +108,10 @@ def bake_identity(avatar: GaussianAvatar) -> GaussianAvatar:
 def save_checkpoint(path: str | Path, bundle: AvatarBundle, compact: bool = False) -> None:
     """Write ``bundle`` to ``path`` atomically (temp file + rename).
 
-    ``compact`` stores the blendshape bases and encoder weights as float16 (about half the size;
-    used for the bundled demo avatar); loading always gives float32.
+    ``compact`` stores the per-Gaussian blendshape bases as int8 with a scale per Gaussian
+    (:func:`quantize_rows_int8`: an offset is off by at most 1/254 of that Gaussian's largest
+    one, well under a pixel for a head) and the encoder weights as float16: about a third of
+    the size, used for the bundled demo avatar. Loading always gives float32.
     """
     av = bundle.avatar
     t: dict[str, Tensor] = {f"avatar.{k}": v for k, v in av.params.items()}
@@ -110,15 +141,18 @@ def save_checkpoint(path: str | Path, bundle: AvatarBundle, compact: bool = Fals
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **{k: v for k, v in bundle.meta.items() if k not in ("format", "version")},
     }
-    def store(k: str, v: Tensor) -> Tensor:
+    out: dict[str, Tensor] = {}
+    for k, v in t.items():
         v = v.detach()
         if not v.is_floating_point():
-            return v
-        if compact and (k in HALF_KEYS or (k.startswith("extra.") and v.dim() > 1)):
-            return v.half()
-        return v.float()
-
-    save_safetensors_atomic({k: store(k, v) for k, v in t.items()}, path, {"hravatar": json.dumps(meta)})
+            out[k] = v
+        elif compact and k in HALF_KEYS:
+            out[k], out[k + Q8_SCALE] = quantize_rows_int8(v)
+        elif compact and k.startswith("extra.") and v.dim() > 1:
+            out[k] = v.half()
+        else:
+            out[k] = v.float()
+    save_safetensors_atomic(out, path, {"hravatar": json.dumps(meta)})
 
 
 def read_checkpoint_meta(path: str | Path) -> dict:
@@ -146,12 +180,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Ava
         raise CheckpointError(f"{path}: is a folder; pass a checkpoint file (e.g. {path}/avatar.safetensors)")
     meta = read_checkpoint_meta(path)
     tensors, _ = load_safetensors_checked(path)
+    tensors = _dequantize(tensors, path)
     tensors = {k: (v.float() if v.dtype in (torch.float16, torch.bfloat16) else v) for k, v in tensors.items()}
     params = {}
     for k in PARAM_KEYS:
         if f"avatar.{k}" not in tensors:
             raise CheckpointError(f"{path}: missing tensor 'avatar.{k}'")
         params[k] = tensors[f"avatar.{k}"]
+        if not params[k].is_floating_point():
+            raise CheckpointError(f"{path}: tensor 'avatar.{k}' holds {params[k].dtype} values, expected floating point")
     N = params["means"].shape[0]
     expected = {
         "means": (N, 3), "quats": (N, 4), "scales": (N, 3), "opacities": (N,), "albedo": (N, 3),

@@ -9,10 +9,11 @@ Two parameterisations (``mode``):
     the mirror level when all roughness stays in [0.5, 1]) holds whatever it was initialised
     with, and editing roughness after training can expose that.
 ``"derived"``: only a base radiance cube (32 x 32) is learned; the specular levels are its
-    GGX prefiltering (:func:`ggx_prefilter_cube`, a fixed linear operator applied on every
-    call, differentiable) and the irradiance its cosine convolution. Fewer unknowns and
-    physically consistent levels (so relighting-style edits of roughness stay plausible), at
-    the price of a few milliseconds per call.
+    GGX prefiltering and the irradiance its cosine convolution, each a fixed matrix
+    (:func:`prefilter_operators`, brute-force quadrature over a box mip of the base) applied
+    on every call. Fewer unknowns and physically consistent levels: a direction is as bright
+    in the irradiance as in the specular maps, so the albedo cannot trade one against the
+    other, and relighting-style edits of roughness stay plausible.
 ``"sh"``: the specular levels are free texels as in ``"direct"``, but the irradiance is
     band-limited: activation(spherical harmonics of the normal up to band ``sh_order``),
     (sh_order + 1)^2 coefficients per channel. Real irradiance is this smooth (see :mod:`hravatar.shading.sh`); free texels let
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .cubemap import cube_dirs, cube_to_latlong, resample_cube, sample_cube
-from .prefilter import Environment, prefilter_cube, specular_resolutions
+from .prefilter import Environment, prefilter_operators, specular_resolutions
 from .sh import project_cube_sh, sh_basis
 
 ACTIVATIONS = ("sigmoid", "softplus", "exp")
@@ -70,7 +71,6 @@ class LearnedLighting(nn.Module):
         activation: "sigmoid" | "softplus" | "exp".
         mode: "direct" | "derived" (see the module doc).
         init_value: initial constant radiance.
-        samples: GGX samples per texel of level 1 of the derived prefilter.
         sh_order: highest SH band of the "sh" irradiance.
     """
 
@@ -82,7 +82,6 @@ class LearnedLighting(nn.Module):
         activation: str = "sigmoid",
         mode: str = "direct",
         init_value: float = 0.5,
-        samples: int = 32,
         sh_order: int = 2,
     ) -> None:
         super().__init__()
@@ -94,7 +93,6 @@ class LearnedLighting(nn.Module):
         self.mode = mode
         self.irr_res = irr_res
         self.num_levels = num_levels
-        self.samples = samples
         self.sh_order = sh_order
         self.spec_res = specular_resolutions(spec_res, num_levels, min_res=1)
         raw = float(inverse_activation(torch.tensor(init_value), activation))
@@ -126,7 +124,8 @@ class LearnedLighting(nn.Module):
             spec = [apply_activation(p, self.activation) for p in self.specular_raw]
             return Environment(irr, spec, "learned")
         base = apply_activation(self.base_raw, self.activation)
-        return prefilter_cube(base, self.num_levels, self.irr_res, self.samples, min_res=1, name="learned")
+        ops = prefilter_operators(base.shape[1], self.num_levels, self.irr_res, 1, base.device)
+        return ops.apply(base, name="learned")
 
     @torch.no_grad()
     def init_from(self, env: Environment) -> None:

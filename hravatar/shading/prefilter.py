@@ -14,6 +14,7 @@ An :class:`Environment` holds
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .brdf import ggx_ndf, ggx_sample_half_vectors, hammersley
 from .cubemap import (
     cube_dirs,
     cube_mip_chain,
+    cube_texel_solid_angle,
     latlong_dirs,
     latlong_solid_angle,
     latlong_to_cube,
@@ -217,6 +219,92 @@ def ggx_prefilter_cube(
         val = sample_cube_mips(source_mips, l, lod.expand(l.shape[:2]))  # [T, N, C]
         out.append((val * wgt[None, :, None]).sum(1))
     return torch.cat(out, 0).reshape(6, out_res, out_res, -1)
+
+
+def _operator_source_res(base_res: int, alpha: float) -> int:
+    """Coarsest box mip of a ``base_res`` cube whose texels (about pi/2 / R radians wide) are no
+    wider than ``alpha`` radians, about half the angular radius of the GGX lobe of reflected
+    directions (at least 8, at most the base)."""
+    res = base_res
+    while res > 8 and res % 2 == 0 and (math.pi / 2) / (res // 2) <= alpha:
+        res //= 2
+    return res
+
+
+def cube_filter_matrix(out_res: int, src_res: int, alpha: float | None, device=None, dtype=torch.float32) -> Tensor:
+    """Dense quadrature matrix of one prefilter, from a cube map to another.
+
+    Row t holds the weights of every source texel s for the output texel direction n_t:
+    ``w = (n.l)+ * D(h) * omega_s`` with l the source texel direction, h = normalize(n + l)
+    and D the GGX distribution of ``alpha`` (the split-sum lobe with n = v = r, as in
+    :func:`ggx_prefilter_cube`), or ``w = (n.l)+ * omega_s`` for ``alpha`` None (the cosine
+    convolution of the irradiance). Rows are normalised to sum to 1, so a constant map is kept
+    exactly. Every source texel is summed (brute-force quadrature), so the result is smooth and
+    exactly linear in the source.
+
+    Args:
+        out_res: output face size Ro.
+        src_res: source face size Rs.
+        alpha: GGX alpha (roughness^2), or None for the cosine lobe.
+    Returns:
+        [6 Ro^2, 6 Rs^2].
+    """
+    n = cube_dirs(out_res, device=device, dtype=torch.float64).reshape(-1, 3)
+    d = cube_dirs(src_res, device=device, dtype=torch.float64).reshape(-1, 3)
+    sa = cube_texel_solid_angle(src_res, device=device, dtype=torch.float64).reshape(-1)
+    cos = n @ d.T
+    w = cos.clamp_min(0.0) * sa
+    if alpha is not None:
+        noh = ((1.0 + cos) * 0.5).clamp_min(0.0).sqrt()  # n.h for h = normalize(n + l), unit n and l
+        w = w * ggx_ndf(noh, torch.tensor(max(alpha, 1e-6), dtype=torch.float64, device=device))
+    return (w / w.sum(-1, keepdim=True)).to(dtype)
+
+
+@dataclass
+class PrefilterOperators:
+    """Precomputed linear prefiltering of a small cube map (see :func:`prefilter_operators`).
+
+    irradiance: ([6 Ri^2, 6 Rs^2] matrix, Rs = the mip of the base it reads).
+    specular: per level l >= 1, ([6 R_l^2, 6 Rs_l^2] matrix, Rs_l).
+    """
+
+    irr_res: int
+    irradiance: tuple[Tensor, int]
+    specular: list[tuple[Tensor, int]]
+
+    def apply(self, base: Tensor, name: str = "environment") -> Environment:
+        """Prefilter ``base`` [6, R, R, C] (differentiable, one matrix product per level)."""
+        mips = {m.shape[1]: m for m in cube_mip_chain(base)}
+
+        def run(op: tuple[Tensor, int]) -> Tensor:
+            mat, src = op
+            out = mat @ mips[src].reshape(-1, base.shape[-1])
+            r = int(round(math.sqrt(mat.shape[0] / 6)))
+            return out.reshape(6, r, r, -1)
+
+        return Environment(run(self.irradiance), [base] + [run(op) for op in self.specular], name)
+
+
+@functools.lru_cache(maxsize=8)
+def prefilter_operators(base_res: int, num_levels: int, irr_res: int, min_res: int = 1, device=None,
+                        dtype=torch.float32) -> PrefilterOperators:
+    """Matrices that prefilter a ``base_res`` cube map into an :class:`Environment` laid out as
+    :func:`prefilter_cube` lays it out (level 0 = the base, level l GGX roughness l / (L - 1),
+    irradiance E / pi), each reading the coarsest box mip that still resolves its lobe.
+
+    For small learned maps (32^2) this costs a few matrix products per call instead of
+    thousands of filtered cube lookups, and is exactly linear and smooth in the texels, which
+    is what training through it needs. Large HDR maps use :func:`prefilter_cube`. Cached per
+    arguments (about 0.5 s to build on a CPU); the result must not be modified.
+    """
+    res = specular_resolutions(base_res, num_levels, min_res)
+    spec = []
+    for l in range(1, num_levels):
+        alpha = (l / (num_levels - 1)) ** 2
+        src = _operator_source_res(base_res, alpha)
+        spec.append((cube_filter_matrix(res[l], src, alpha, device, dtype), src))
+    src = _operator_source_res(base_res, 1.0)
+    return PrefilterOperators(irr_res, (cube_filter_matrix(irr_res, src, None, device, dtype), src), spec)
 
 
 def prefilter_cube(

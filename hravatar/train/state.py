@@ -38,8 +38,10 @@ def load_optimizer_tensors(prefix: str, opt: torch.optim.Optimizer, tensors: dic
             v = tensors[f"{prefix}.{pid}.{k}"]
             st[k] = v.reshape(()) if nd == 0 else v
         state[int(pid)] = st
+    # how the step is computed (fused, foreach, ...) is this machine's choice, not the run's
+    impl = ("fused", "foreach", "capturable", "differentiable")
     for g, gm in zip(sd["param_groups"], meta["groups"]):
-        g.update({k: v for k, v in gm.items() if k in g})
+        g.update({k: v for k, v in gm.items() if k in g and k not in impl})
     sd["state"] = state
     opt.load_state_dict(sd)
 
