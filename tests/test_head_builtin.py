@@ -437,3 +437,21 @@ def test_vertex_normals_sphere_and_graph_distance():
     far = d[int(np.argmin(v[:, 0]))]
     # edge chords are shorter than arcs, zig-zags longer
     assert 0.95 * math.pi <= far < math.pi * 1.15
+
+
+def test_blend_offsets_matches_a_loop_over_points_and_its_gradient():
+    from hravatar.head.lbs import blend_offsets
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(7, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    coeffs = torch.randn(2, 4, generator=g, dtype=torch.float64, requires_grad=True)  # fewer than the basis holds
+    out = blend_offsets(basis, coeffs)
+    ref = torch.stack([torch.stack([sum(basis[n, :, m] * coeffs[b, m] for m in range(4)) for n in range(7)]) for b in range(2)])
+    assert out.shape == (2, 7, 3)
+    assert torch.allclose(out, ref)
+    w = torch.randn(2, 7, 3, generator=g, dtype=torch.float64)
+    gb, gc = torch.autograd.grad((out * w).sum(), (basis, coeffs))
+    # d/dbasis[n,i,m] = sum_b w[b,n,i] coeffs[b,m] (zero for the unused last column)
+    assert torch.allclose(gb[..., :4], torch.einsum("bni,bm->nim", w, coeffs))
+    assert torch.all(gb[..., 4] == 0)
+    assert torch.allclose(gc, torch.einsum("bni,nim->bm", w, basis[..., :4]))

@@ -132,6 +132,28 @@ def test_ssim_same_padding_interior_equals_valid():
     assert float(g.sum()) == pytest.approx(1.0) and torch.equal(g, g.flip(0)) and int(g.argmax()) == 5
 
 
+def test_ssim_same_padding_border_matches_a_zero_padded_loop():
+    # the border pixels of "same", where the window hangs over zeros, against a direct double
+    # loop over the 11x11 window (the implementation filters rows and columns separately)
+    x, y = _rand(13, 15, seed=11).numpy(), _rand(13, 15, seed=12).numpy()
+    g = gaussian_window(11, 1.5, dtype=torch.float64).numpy()
+    w = np.outer(g, g)
+    H, W, _ = x.shape
+    px, py = np.pad(x, ((5, 5), (5, 5), (0, 0))), np.pad(y, ((5, 5), (5, 5), (0, 0)))
+    ref = np.zeros_like(x)
+    for i in range(H):
+        for j in range(W):
+            a, b = px[i : i + 11, j : j + 11], py[i : i + 11, j : j + 11]
+            mx, my = (w[..., None] * a).sum((0, 1)), (w[..., None] * b).sum((0, 1))
+            vx = (w[..., None] * a * a).sum((0, 1)) - mx * mx
+            vy = (w[..., None] * b * b).sum((0, 1)) - my * my
+            cxy = (w[..., None] * a * b).sum((0, 1)) - mx * my
+            c1, c2 = 0.01**2, 0.03**2
+            ref[i, j] = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    got = ssim_map(torch.from_numpy(x), torch.from_numpy(y), padding="same").numpy()
+    assert np.allclose(got, ref, atol=1e-10)
+
+
 def test_ssim_map_is_differentiable():
     x = _rand(16, 16, seed=9).requires_grad_(True)
     y = _rand(16, 16, seed=10)

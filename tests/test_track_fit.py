@@ -260,12 +260,15 @@ def test_one_euro_beta_reduces_lag_and_cutoff_reduces_jitter():
 # ------------------------------------------------------------------------------------ MediaPipe
 @pytest.fixture(scope="module")
 def renders():
-    """Demo-avatar renders (256 px) with known expression/jaw, and the camera they were made with."""
-    from hravatar.api import AvatarRenderer, default_camera, open_avatar, parse_expression_args, resolve_environment
+    """Renders (256 px) of the untrained built-in-head avatar with known expression/jaw, and the
+    camera they were made with. Untrained, the avatar moves exactly as the head model does, so
+    what the fitter recovers can be held to the values rendered (a trained avatar's expression
+    space is only close to the head model's; tests/test_app_webcam.py drives the demo avatar)."""
+    from hravatar.api import AvatarRenderer, default_camera, parse_expression_args, resolve_environment, untrained_avatar
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # module fixtures run before the per-test thread setting
-    b = open_avatar(None)
+    b = untrained_avatar()
     cam = default_camera(b, 256)
     env, _ = resolve_environment(None, b)
     r = AvatarRenderer(b.avatar)
@@ -328,7 +331,8 @@ def test_tasks_landmarker_blendshapes(renders):
         d0 = lm.detect(imgs["neutral"], 0)
         d1 = lm.detect(imgs["open"], 0)  # repeated timestamp: made increasing internally
     assert d0 is not None and d1 is not None and d1.landmarks.shape == (478, 3)
-    assert d1.blendshapes["jawOpen"] > d0.blendshapes["jawOpen"] + 0.2
+    # the head model's jaw 0.25 rad reads as jawOpen ~0.14 (neutral ~0.01)
+    assert d1.blendshapes["jawOpen"] > d0.blendshapes["jawOpen"] + 0.1
     with pytest.raises(FileNotFoundError):
         FaceLandmarker(path.with_name("missing.task"))
 

@@ -156,6 +156,11 @@ class ExpressionEncoder(nn.Module):
         """
         if img.dim() != 4 or img.shape[1] != 3:
             raise ValueError(f"expression encoder expects images [B, 3, H, W], got {tuple(img.shape)}")
+        if img.device.type == "cpu":
+            # oneDNN's channels-last convolutions (the depthwise ones above all) run forward +
+            # backward ~1.5x faster on a CPU; the layout follows the input, the weights stay as
+            # they are (checkpoints and optimiser state unchanged)
+            img = img.contiguous(memory_format=torch.channels_last)
         return self.encoder.forward_features(img)[-1].mean(dim=(2, 3))
 
     def forward(self, img: Tensor) -> dict[str, Tensor]:

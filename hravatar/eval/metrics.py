@@ -121,21 +121,22 @@ def ssim_map(pred: Tensor, gt: Tensor, size: int = 11, sigma: float = 1.5, paddi
     """
     C = pred.shape[-1]
     g = gaussian_window(size, sigma, device=pred.device, dtype=pred.dtype)
-    w = (g[:, None] * g[None, :]).expand(C, 1, size, size)
     pad = size // 2 if padding == "same" else 0
     if padding not in ("valid", "same"):
         raise ValueError(f"padding must be 'valid' or 'same', got '{padding}'")
     x, y = pred.permute(2, 0, 1)[None], gt.permute(2, 0, 1)[None]
     if padding == "valid" and min(x.shape[-2:]) < size:
         raise ValueError(f"image {list(x.shape[-2:])} is smaller than the {size}x{size} SSIM window")
-
-    def blur(t: Tensor) -> Tensor:
-        return F.conv2d(t, w, padding=pad, groups=C)
-
-    mx, my = blur(x), blur(y)
-    vx = blur(x * x) - mx * mx
-    vy = blur(y * y) - my * my
-    cxy = blur(x * y) - mx * my
+    # the five local moments in one pass: the 2D Gaussian is separable, so a column pass then a
+    # row pass (2 x size taps instead of size^2; zero padding commutes with the split)
+    maps = torch.cat([x, y, x * x, y * y, x * y], 1)  # [1, 5C, H, W]
+    K = maps.shape[1]
+    maps = F.conv2d(maps, g.view(1, 1, size, 1).expand(K, 1, size, 1), padding=(pad, 0), groups=K)
+    maps = F.conv2d(maps, g.view(1, 1, 1, size).expand(K, 1, 1, size), padding=(0, pad), groups=K)
+    mx, my, exx, eyy, exy = maps.split(C, 1)
+    vx = exx - mx * mx
+    vy = eyy - my * my
+    cxy = exy - mx * my
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s[0].permute(1, 2, 0)

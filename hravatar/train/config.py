@@ -167,9 +167,9 @@ def profile_config(name: str) -> TrainConfig:
     """The named profile.
 
     "full": the method's schedule at 512x512 (for a GPU).
-    "quick": CPU-friendly: 256x256, 20K Gaussians densified up to 40K, 4,500 iterations (17.5 min
-    on the first 2-core VM with the numba rasterizer, evaluation included; ~23 min on a later VM
-    whose renderer benchmark ran 20% slower) with the
+    "quick": CPU-friendly: 256x256, 20K Gaussians densified up to 40K, 4,500 iterations (18 min
+    of training + 38 s of evaluation on a 2-core VM whose renderer benchmark runs 20% slower than
+    the first one's) with the
     densification/lighting schedule compressed to fit. Measured on the synthetic benchmark:
     3,000 -> 5,000 iterations (30K Gaussians): relighting 24.82 -> 25.43 dB, test PSNR 30.79 ->
     30.47 dB; then up to 40K Gaussians at 4,500 iterations: relighting 25.65 dB, test PSNR
@@ -177,7 +177,8 @@ def profile_config(name: str) -> TrainConfig:
     test PSNR 30.07 dB, 17.5 minutes; then expression recentering and the jaw anchor (the
     tracked parameters drive the avatar as the head model means them): test PSNR 30.08 dB
     (30.24 with recentering alone), 31.12 dB driven by the tracked parameters, relighting
-    26.27 dB. Relighting needs fine normals (docs/benchmarks.md), so
+    26.27 dB; then a faster step (same results up to rounding): 30.53 dB, 31.58 dB tracked,
+    relighting 26.40 dB. Relighting needs fine normals (docs/benchmarks.md), so
     Gaussians beat iterations.
     Two deliberate departures from the
     method, both measured on the synthetic benchmark: no albedo-only warm-up (the surface
