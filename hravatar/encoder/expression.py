@@ -82,13 +82,24 @@ def output_regression_loss(raw: Tensor, target: Tensor, jaw_side_limit: float = 
     Returns:
         scalar loss.
     """
-    n_expr = raw.shape[-1] - 5
-    lo = torch.full_like(target, -float("inf"))
-    hi = torch.full_like(target, float("inf"))
-    lo[:, n_expr : n_expr + 2], hi[:, n_expr : n_expr + 2] = 0.0, 1.0
-    lo[:, n_expr + 2] = 0.0
-    lo[:, n_expr + 3 :], hi[:, n_expr + 3 :] = -jaw_side_limit, jaw_side_limit
+    lo, hi = output_bounds(raw.shape[-1] - 5, jaw_side_limit, raw)
     return (bounded_regression_error(raw, target, lo, hi) ** 2).mean()
+
+
+def output_bounds(n_expr: int, jaw_side_limit: float = 0.2, like: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The ranges :func:`split_encoder_outputs` clamps the raw outputs to.
+
+    Args:
+        like: tensor whose dtype and device the bounds take (float32 on the CPU if None).
+    Returns:
+        (lo [n_expr + 5], hi [n_expr + 5]): expression unbounded, eyelids [0, 1], jaw opening
+        [0, inf), jaw sides [-limit, limit].
+    """
+    inf = float("inf")
+    kw = {"dtype": like.dtype, "device": like.device} if like is not None else {}
+    lo = torch.tensor([-inf] * n_expr + [0.0, 0.0, 0.0, -jaw_side_limit, -jaw_side_limit], **kw)
+    hi = torch.tensor([inf] * n_expr + [1.0, 1.0, inf, jaw_side_limit, jaw_side_limit], **kw)
+    return lo, hi
 
 
 def bounded_regression_error(raw: Tensor, target: Tensor, lo, hi) -> Tensor:

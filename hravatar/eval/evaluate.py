@@ -84,15 +84,15 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
     for j, i in enumerate(idx):
         s = ds[i]
         f = s.params.to(device)
-        cam, mask = s.camera.to(device), s.mask.to(device)
+        cam, mask, gt = s.camera.to(device), s.mask.to(device), s.image.to(device)
         if enc is not None:
             # the tracked parameters are what sliders, the landmark tracker and the app drive with
             tracked = forward_render(avatar, f, cam, learned_env, lut, response=cfg.camera_response, shading=cfg.shading, rig=rig)
-            psnr_tracked.append(psnr(tracked["rgb"].clamp(0, 1), s.image.to(device)))
-            f, _ = encoded_frame(enc, f, s.image.to(device), boxes[i], cfg.encoder_res)
+            psnr_tracked.append(psnr(tracked["rgb"].clamp(0, 1), gt))
+            f, _ = encoded_frame(enc, f, gt, boxes[i], cfg.encoder_res)
         frames[i] = (f, cam, mask)
         out = forward_render(avatar, f, cam, learned_env, lut, response=cfg.camera_response, shading=cfg.shading, rig=rig)
-        pred, gt = out["rgb"].clamp(0, 1), s.image.to(device)
+        pred = out["rgb"].clamp(0, 1)
         scores["psnr"].append(psnr(pred, gt))
         scores["ssim"].append(ssim(pred, gt))
         scores["mae100"].append(mae100(pred, gt))

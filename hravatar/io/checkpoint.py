@@ -57,7 +57,7 @@ class AvatarBundle:
 
 #: Large per-Gaussian bases that ``save_checkpoint(..., compact=True)`` stores as int8 with
 #: one float32 scale per Gaussian (key + ``Q8_SCALE``).
-HALF_KEYS = ("avatar.shapedirs", "avatar.exprdirs", "avatar.posedirs", "avatar.eyelid_dirs")
+COMPACT_KEYS = ("avatar.shapedirs", "avatar.exprdirs", "avatar.posedirs", "avatar.eyelid_dirs")
 Q8_SCALE = ".q8scale"
 
 
@@ -146,7 +146,7 @@ def save_checkpoint(path: str | Path, bundle: AvatarBundle, compact: bool = Fals
         v = v.detach()
         if not v.is_floating_point():
             out[k] = v
-        elif compact and k in HALF_KEYS:
+        elif compact and k in COMPACT_KEYS:
             out[k], out[k + Q8_SCALE] = quantize_rows_int8(v)
         elif compact and k.startswith("extra.") and v.dim() > 1:
             out[k] = v.half()

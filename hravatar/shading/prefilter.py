@@ -268,7 +268,6 @@ class PrefilterOperators:
     specular: per level l >= 1, ([6 R_l^2, 6 Rs_l^2] matrix, Rs_l).
     """
 
-    irr_res: int
     irradiance: tuple[Tensor, int]
     specular: list[tuple[Tensor, int]]
 
@@ -304,7 +303,7 @@ def prefilter_operators(base_res: int, num_levels: int, irr_res: int, min_res: i
         src = _operator_source_res(base_res, alpha)
         spec.append((cube_filter_matrix(res[l], src, alpha, device, dtype), src))
     src = _operator_source_res(base_res, 1.0)
-    return PrefilterOperators(irr_res, (cube_filter_matrix(irr_res, src, None, device, dtype), src), spec)
+    return PrefilterOperators((cube_filter_matrix(irr_res, src, None, device, dtype), src), spec)
 
 
 def prefilter_cube(

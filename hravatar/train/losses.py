@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hravatar.encoder.expression import bounded_regression_error
+from hravatar.encoder.expression import bounded_regression_error, output_bounds
 from hravatar.eval.metrics import ssim_map
 from hravatar.render.camera import Camera
 
@@ -115,7 +115,8 @@ def eyelid_loss(eyelids_raw: Tensor, eyelids_tracked: Tensor) -> Tensor:
     """Squared distance between the encoder's eyelid outputs before their [0, 1] clamp [B,2]
     and the pre-tracked eyelids [B,2] (open-eye targets only penalise raw values above 0, so
     the unit can rest below the clamp, but it is never cut off from the blinks)."""
-    return (bounded_regression_error(eyelids_raw, eyelids_tracked, 0.0, 1.0) ** 2).sum(-1).mean()
+    lo, hi = output_bounds(0, like=eyelids_raw)
+    return (bounded_regression_error(eyelids_raw, eyelids_tracked, lo[:2], hi[:2]) ** 2).sum(-1).mean()
 
 
 def jaw_loss(jaw_raw: Tensor, jaw_tracked: Tensor, side_limit: float = 0.2) -> Tensor:
@@ -126,7 +127,5 @@ def jaw_loss(jaw_raw: Tensor, jaw_tracked: Tensor, side_limit: float = 0.2) -> T
     a unit pushed below zero still feels the open-mouth frames (on the clamped output it
     received no gradient and stayed closed for good; seen in one synthetic run).
     """
-    inf = float("inf")
-    lo = jaw_raw.new_tensor([0.0, -side_limit, -side_limit])
-    hi = jaw_raw.new_tensor([inf, side_limit, side_limit])
-    return (bounded_regression_error(jaw_raw, jaw_tracked, lo, hi) ** 2).sum(-1).mean()
+    lo, hi = output_bounds(0, side_limit, like=jaw_raw)
+    return (bounded_regression_error(jaw_raw, jaw_tracked, lo[2:], hi[2:]) ** 2).sum(-1).mean()
