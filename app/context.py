@@ -178,15 +178,16 @@ class AppContext:
 
     def _load(self, path, label: str) -> None:
         from hravatar.api import open_avatar
-        from hravatar.render.pipeline import AvatarRenderer
+
+        from .viewer import prepare_bundle
 
         try:
             p = None if path is None else resolve_checkpoint_path(path)
             if p is not None and not p.exists():
                 raise FileNotFoundError(f"{p}: file not found")
             bundle = open_avatar(p, "cpu")
-            renderer = AvatarRenderer(bundle.avatar, self.device)
-            self._loaded.put((bundle, renderer, label, None))
+            renderer, home = prepare_bundle(bundle, self.device)  # here, not on the UI thread
+            self._loaded.put((bundle, (renderer, home), label, None))
         except Exception as e:  # noqa: BLE001  - any failure is one line, the current avatar stays
             self._loaded.put((None, None, label, one_line_error(e, path)))
 
@@ -194,7 +195,7 @@ class AppContext:
         """Once per UI frame (UI thread): apply a loaded avatar, run the frame callbacks."""
         while True:
             try:
-                bundle, renderer, label, err = self._loaded.get_nowait()
+                bundle, prepared, label, err = self._loaded.get_nowait()
             except queue.Empty:
                 break
             with self._lock:
@@ -202,7 +203,7 @@ class AppContext:
             if err:
                 self.notify(f"Cannot open {label}: {err}", "error")
                 continue
-            self.viewer.set_bundle(bundle, renderer)
+            self.viewer.set_bundle(bundle, *prepared)
             with self._lock:  # the new avatar starts from its neutral frame
                 self._frame_seq += 1
                 self.last_frame_source = "open"

@@ -129,8 +129,10 @@ class EnvironmentLibrary:
         self._jobs: queue.Queue = queue.Queue()
         self._done: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="env-loader", daemon=True)
-        self._thread.start()
+        # the loader thread runs only while there are jobs: a live thread that has used torch keeps
+        # its own OpenMP pool, and two pools on a small CPU slow every torch op of the render
+        # worker about 2x (the pools stop spinning and sleep between ops)
+        self._thread: threading.Thread | None = None
         self.set_bundle(bundle)
 
     # ------------------------------------------------------------------ listing
@@ -241,6 +243,10 @@ class EnvironmentLibrary:
     def _queue(self, e: EnvEntry) -> None:
         e.state, e.progress, e.stage, e.error = "loading", 0.0, "queued", ""
         self._jobs.put((e.key, e.generation))
+        with self._lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="env-loader", daemon=True)
+                self._thread.start()
 
     def poll(self) -> list[LibraryEvent]:
         """Apply finished loads (call from the UI thread); returns the messages to show."""
@@ -288,7 +294,10 @@ class EnvironmentLibrary:
     def close(self) -> None:
         self._stop.set()
         self._jobs.put(None)
-        self._thread.join(timeout=5.0)
+        with self._lock:
+            t = self._thread
+        if t is not None:
+            t.join(timeout=5.0)
 
     # ------------------------------------------------------------------ thumbnails
     def thumbnail(self, key: str | None = None, rotation_deg: float = 0.0, exposure: float = 0.0) -> np.ndarray | None:
@@ -317,6 +326,11 @@ class EnvironmentLibrary:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            with self._lock:
+                # exit when idle; _queue starts a new thread for the next job (both under the lock)
+                if self._jobs.empty():
+                    self._thread = None
+                    return
             job = self._jobs.get()
             if job is None:
                 break

@@ -30,6 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="render device (default: CUDA when available)")
     p.add_argument("--size", default="1440x900", help="window size WxH")
     p.add_argument("--max-fps", type=float, default=60.0, help="cap of the UI loop while something changes")
+    p.add_argument("--busy-ui-fps", type=float, default=20.0,
+                   help="cap of the UI loop while a CPU render is in flight and UI frames are expensive "
+                        "(software OpenGL); 0 = no cap")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for rendering (default: all cores but one, left to the interface)")
     p.add_argument("--no-progressive", action="store_true",
                    help="always render at full size (no reduced-size frames while a slider moves)")
     p.add_argument("--tab", choices=TAB_KEYS, default="view", help="side-bar tab shown at start (and in --screenshot)")
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if torch.cuda.is_available():
             max_fps = 1000.0  # a GPU renders faster than a monitor refreshes: do not cap the measurement
-    opts = AppOptions(args.checkpoint, args.envmap, args.res, w, h, args.device, max_fps, args.tab,
+    opts = AppOptions(args.checkpoint, args.envmap, args.res, w, h, args.device, max_fps,
+                      busy_ui_fps=args.busy_ui_fps or None, render_threads=args.threads, tab=args.tab,
                       progressive=not args.no_progressive)
     try:
         app = App(opts)
@@ -456,6 +462,7 @@ def bench_script(app, n: int, slider: str, json_path: str | None):
         "ui_frame_ms_p95": 1e3 * ui_sorted[int(0.95 * (len(ui_sorted) - 1))] if ui_sorted else 0.0,
         "ui_frame_ms_max": 1e3 * ui_sorted[-1] if ui_sorted else 0.0,
         "requests_dropped": app.worker.dropped,
+        "busy_ui_fps": app.pacer.busy_max_fps,
         "loadavg_1min": load[0],
         "torch_threads": __import__("torch").get_num_threads(),
         "cpu_count": os.cpu_count(),

@@ -5,9 +5,24 @@ Everything takes times from an injectable clock (seconds, monotonic), so it is t
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from typing import Callable
+
+
+def default_render_threads() -> int:
+    """CPU threads for rendering: every core this process may use but one, left to the interface.
+
+    On 2 cores one rendering thread beats two, whose second shares a core with the interface's
+    drawing: expression slider at 256 px, 2-core VM, software OpenGL, UI cap 20 fps while
+    rendering: 7.1-11.2 fps with 2 threads (spread over runs), 11.6-12.4 fps with 1
+    (docs/benchmarks.md)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 class FpsCounter:
@@ -70,14 +85,21 @@ class FramePacer:
     interval); otherwise it idles with ``idle_sleep_s`` sleeps, short enough (< 100 ms) that input
     still feels immediate, long enough that an idle app costs almost no CPU.
 
+    While a render is in flight on the same CPU that draws the interface, a UI frame that is
+    itself expensive (software OpenGL: ~30 ms of CPU per frame for a 1440x900 window) takes
+    cores from the renderer; :meth:`sleep_time` then caps the loop at ``busy_max_fps``
+    (input is still handled every 1 / busy_max_fps seconds, 50 ms at the default 20).
+
     Args:
         clock: monotonic seconds (``time.perf_counter`` by default).
+        busy_max_fps: the cap while a CPU render is in flight and UI frames are expensive; None: no cap.
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter, max_fps: float = 60.0, idle_sleep_s: float = 0.05,
-                 linger_s: float = 0.3) -> None:
+                 linger_s: float = 0.3, busy_max_fps: float | None = None) -> None:
         self.clock = clock
         self.max_fps = float(max_fps)
+        self.busy_max_fps = None if busy_max_fps is None else float(busy_max_fps)
         self.idle_sleep_s = float(idle_sleep_s)
         self.linger_s = float(linger_s)
         self._dirty = True  # the first frame always renders
@@ -120,12 +142,19 @@ class FramePacer:
     def idle(self) -> bool:
         return not self._active and not self._dirty and self.clock() - self._last_busy > self.linger_s
 
-    def sleep_time(self) -> float:
-        """Seconds to sleep at the end of the current frame."""
+    def sleep_time(self, render_contended: bool = False) -> float:
+        """Seconds to sleep at the end of the current frame.
+
+        ``render_contended``: a render is in flight on the CPU and UI frames are expensive, so
+        the loop yields the cores to it (at most ``busy_max_fps`` frames per second).
+        """
         if self.idle:
             return self.idle_sleep_s
+        fps = self.max_fps
+        if render_contended and self.busy_max_fps:
+            fps = min(fps, self.busy_max_fps)
         elapsed = self.clock() - self._frame_start
-        return max(0.0, 1.0 / self.max_fps - elapsed)
+        return max(0.0, 1.0 / fps - elapsed)
 
 
 class ProgressiveResolution:

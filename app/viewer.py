@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ from hravatar.render.pipeline import (
 from .camera import OrbitController, ViewportNavigator, camera_key, home_state_for
 from .lighting import EnvironmentLibrary, to_display
 
+T = TypeVar("T")
+
 #: Channels computed by shading (they need an environment and are tone-mapped).
 SHADED_CHANNELS = ("shaded", "diffuse", "specular", "irradiance")
 #: Background modes: a flat colour, the environment blurred, or transparency (checkerboard on screen).
@@ -43,6 +46,32 @@ BACKGROUNDS = ("colour", "environment", "transparent")
 #: Roughness of the prefiltered level used for the blurred-environment background.
 BACKGROUND_BLUR = 0.55
 MATERIAL_LIMITS = {"rough_scale": (0.0, 3.0), "f0_edit": (0.0, 1.0), "saturation": (0.0, 2.0)}
+
+
+def off_ui_thread(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Run ``fn`` on a short-lived thread and return its result (its exception is re-raised).
+
+    Heavy tensor work (opening a checkpoint, framing the head) must not run on the UI thread:
+    with GNU OpenMP (PyTorch's CPU build) every long-lived thread that runs a parallel op keeps
+    its own worker pool, and once the pools hold more threads than there are cores OpenMP stops
+    spinning between ops, so every small op of the render worker waits for a thread wake-up
+    (measured: deformation 8 -> 16 ms, a whole 256 px frame 55 -> 75 ms on 2 cores). A thread
+    that ends takes its pool with it, and the render worker keeps the only one.
+    """
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001  - handed back to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="tensor-setup", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def default_device() -> torch.device:
@@ -254,6 +283,11 @@ class FrameRenderer:
         return out
 
 
+def prepare_bundle(bundle, device, renderer: AvatarRenderer | None = None, home=None):
+    """(renderer, home view) of an avatar: the tensor work of showing it (run off the UI thread)."""
+    return renderer or AvatarRenderer(bundle.avatar, device), home or home_state_for(bundle)
+
+
 class ViewerController:
     """The viewport's state; all setters are thread-safe and bump :attr:`version`.
 
@@ -289,10 +323,13 @@ class ViewerController:
         self.set_bundle(bundle, renderer)
 
     # ------------------------------------------------------------------ avatar and driving frame
-    def set_bundle(self, bundle, renderer: AvatarRenderer | None = None) -> None:
-        """Show another avatar: new renderer, home view, neutral frame, its learned light offered."""
-        renderer = renderer or AvatarRenderer(bundle.avatar, self.device)
-        home = home_state_for(bundle)
+    def set_bundle(self, bundle, renderer: AvatarRenderer | None = None, home=None) -> None:
+        """Show another avatar: new renderer, home view, neutral frame, its learned light offered.
+
+        ``home``: its :func:`home_state_for` when the caller computed it already (off the UI thread).
+        """
+        if renderer is None or home is None:
+            renderer, home = off_ui_thread(prepare_bundle, bundle, self.device, renderer, home)
         with self._lock:
             self.bundle = bundle
             self.renderer = renderer

@@ -178,6 +178,28 @@ def test_pacer_renders_only_when_dirty_or_active_and_idles_otherwise():
     assert not p.idle and not p.begin_frame()
 
 
+def test_pacer_yields_the_cpu_to_a_contended_render():
+    clock = FakeClock()
+    p = FramePacer(clock, max_fps=50, busy_max_fps=20)
+    assert p.begin_frame()
+    clock.advance(0.005)
+    assert p.sleep_time() == pytest.approx(0.015)  # 50 fps as usual
+    assert p.sleep_time(render_contended=True) == pytest.approx(0.045)  # 20 fps while a CPU render runs
+    assert FramePacer(clock, max_fps=10, busy_max_fps=20).sleep_time(render_contended=True) == pytest.approx(0.1)
+    assert FramePacer(clock, max_fps=50).sleep_time(render_contended=True) == pytest.approx(0.02)  # no cap set
+
+
+def test_default_render_threads_leave_a_core_to_the_interface(monkeypatch):
+    import os
+
+    from app.pacing import default_render_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert default_render_threads() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_render_threads() == 1
+
+
 def test_progressive_resolution_reduces_while_interacting_then_refines():
     clock = FakeClock()
     p = ProgressiveResolution(clock, target_ms=100.0, min_scale=0.45, interactive_gap_s=0.25, settle_s=0.25)

@@ -75,6 +75,32 @@ def test_library_loads_hdr_selects_it_and_marks_rotation(tmp_path, library):
     assert abs((c + 0.5) / 16 - 0.75) <= 0.1 and abs((r + 0.5) / 8 - 0.5) <= 0.2
 
 
+def test_library_loader_thread_runs_only_while_there_is_work(tmp_path, library):
+    """The loader thread ends when its queue is empty (a live thread that ran torch ops keeps an
+    OpenMP pool, which slows the render worker) and a new load starts a new one."""
+    library.select("builtin:studio")
+    ready(library, "builtin:studio")
+    t_end = __import__("time").monotonic() + 10
+    while library._thread is not None and __import__("time").monotonic() < t_end:
+        __import__("time").sleep(0.01)
+    assert library._thread is None
+    assert not any(t.name == "env-loader" and t.is_alive() for t in threading.enumerate())
+    p = tmp_path / "sky.hdr"
+    write_hdr(p, sky_map())
+    key = library.load_file(p)
+    ready(library, key)  # loaded by a fresh thread
+
+
+def test_off_ui_thread_returns_results_and_raises_errors():
+    from app.viewer import off_ui_thread
+
+    me = threading.get_ident()
+    assert off_ui_thread(lambda a, b=0: (a + b, threading.get_ident()), 2, b=3)[0] == 5
+    assert off_ui_thread(threading.get_ident) != me
+    with pytest.raises(ValueError, match="boom"):
+        off_ui_thread(lambda: (_ for _ in ()).throw(ValueError("boom")))
+
+
 def test_library_reports_broken_files_and_keeps_the_selection(tmp_path, library):
     library.select("builtin:studio")
     ready(library, "builtin:studio")

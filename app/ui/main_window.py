@@ -21,9 +21,9 @@ from app.closing import CHOICES, QUESTION, ExitFlow
 from app.context import AppContext, MessageLog, one_line_error, resolve_checkpoint_path
 from app.drop import DropHandler, GlfwEvents
 from app.lighting import EnvironmentLibrary
-from app.pacing import FpsCounter, FramePacer, MsAverage, ProgressiveResolution
+from app.pacing import FpsCounter, FramePacer, MsAverage, ProgressiveResolution, default_render_threads
 from app.recorder import VideoRecorder, save_png
-from app.viewer import BACKGROUNDS, RenderWorker, ViewerController, default_device
+from app.viewer import BACKGROUNDS, RenderWorker, ViewerController, default_device, off_ui_thread
 from hravatar.render.pipeline import CHANNELS
 
 from . import LEVEL_COLOURS, MUTED, setup_fonts, setup_theme
@@ -57,6 +57,12 @@ class AppOptions:
     height: int = 900
     device: str | None = None
     max_fps: float = 60.0
+    # UI frames per second while a CPU render is in flight and UI frames are expensive (software
+    # OpenGL); None: no cap (see FramePacer)
+    busy_ui_fps: float | None = 20.0
+    # CPU threads for rendering (torch and the numba pass); None: all cores but one, which the
+    # interface needs (software OpenGL draws it on the CPU)
+    render_threads: int | None = None
     tab: str = "view"
     title: str = "hravatar"
     progressive: bool = True  # reduced-size renders while a slider moves (see ProgressiveResolution)
@@ -73,8 +79,11 @@ class App:
         self.device = torch.device(opts.device) if opts.device else default_device()
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise StartupError("--device cuda was asked for but CUDA is not available")
+        if self.device.type == "cpu" or opts.render_threads:
+            torch.set_num_threads(opts.render_threads or default_render_threads())
         try:
-            bundle = open_avatar(resolve_checkpoint_path(opts.checkpoint) if opts.checkpoint else None, "cpu")
+            # off the UI thread, which must not own an OpenMP pool (see app.viewer.off_ui_thread)
+            bundle = off_ui_thread(open_avatar, resolve_checkpoint_path(opts.checkpoint) if opts.checkpoint else None, "cpu")
         except Exception as e:  # noqa: BLE001  - one line, exit code 1
             raise StartupError(f"cannot open {opts.checkpoint or 'the demo avatar'}: {one_line_error(e, opts.checkpoint)}") from None
         self.res = int(opts.res or (512 if self.device.type == "cuda" else 256))
@@ -87,7 +96,7 @@ class App:
         self.record_fps = 30.0
         self.record_max_seconds = 60.0
         self.drop = DropHandler(self.load_environment_file, self.ctx.open_checkpoint, self.ctx.notify)
-        self.pacer = FramePacer(max_fps=opts.max_fps)
+        self.pacer = FramePacer(max_fps=opts.max_fps, busy_max_fps=opts.busy_ui_fps)
         # interactive renders at a reduced size (about 100 ms each), then one at full size when it stops
         self.progressive = ProgressiveResolution(enabled=opts.progressive)
         self.progressive_allowed = opts.progressive
@@ -546,6 +555,9 @@ class App:
             size_text = f"{f.width}x{f.height} (interactive)"
         dev = self.device.type.upper()
         backend = self.backend_label()
+        if self.device.type == "cpu":
+            n = torch.get_num_threads()
+            backend += f", {n} thread" + ("s" if n > 1 else "")
         fps = self.fps.fps(now)
         fps_text = f"{fps:5.1f} fps" if fps > 0 or not self.fps.total else "idle"
         perf = (f"{fps_text}   render {self.render_ms.value:6.1f} ms   display {self.display_ms.value:4.1f} ms   "
@@ -604,12 +616,17 @@ class App:
                 if self.pacer.idle and self.events.available and (script is None or self.idle_wait_in_scripts):
                     self.events.wait(self.idle_wait_s)  # returns at once on input (or a wake())
                 else:
-                    s = self.pacer.sleep_time()
+                    s = self.pacer.sleep_time(render_contended=self._render_contended())
                     if s > 0:
                         time.sleep(s)
         finally:
             self.close()
         return code
+
+    def _render_contended(self) -> bool:
+        """A CPU render is in flight and UI frames cost enough CPU to slow it (mean > 8 ms: software
+        OpenGL; a GPU-driven display draws this interface in a millisecond or two)."""
+        return self.device.type == "cpu" and self.worker.busy and self.ui_ms.value > 8.0
 
     def close(self) -> None:
         self._shutting_down = True

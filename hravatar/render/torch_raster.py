@@ -673,13 +673,13 @@ def rasterize_torch(
     # features + depth + 1: one bag sum gives colour, depth numerator and alpha together
     featext = torch.cat([features.to(dt), proj.depths[:, None], torch.ones_like(op)[:, None]], 1)
     rects = gaussian_pixel_rects(proj, op, W, H, tile_size)
-    gids, sub = tile_intersections(rects, proj.depths, tile_size)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*cols, featext))
     if trace == "numba":
-        from .numba_raster import composite_tiles
+        from .numba_raster import bin_tiles, composite_tiles
 
-        image = composite_tiles(cols, featext, gids, sub, W, H, tile_size)
+        image = composite_tiles(cols, featext, bin_tiles(rects, proj.depths, W, H, tile_size))
     else:
+        gids, sub = tile_intersections(rects, proj.depths, tile_size)
         with torch.no_grad():
             dcols = tuple(c.detach().contiguous() for c in cols)
             levels = alpha_levels(op)
