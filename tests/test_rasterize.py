@@ -457,6 +457,15 @@ def test_numba_binning_matches_the_torch_binning(seed, n, width, height, tile):
 
 
 @needs_numba
+def test_numba_pass_falls_back_for_tiles_wider_than_its_row_masks():
+    scene = _scene(3, 60, 70, 40)
+    with torch.no_grad():
+        a = rasterize_torch(**scene, tile_size=64, trace="numba")
+        b = rasterize_torch(**scene, tile_size=64, trace="torch")
+    assert torch.equal(a.features, b.features) and a.alpha.max() > 0
+
+
+@needs_numba
 def test_numba_termination_and_empty_inputs():
     n = 5
     cam = Camera(torch.eye(4), torch.tensor([[40.0, 0, 7.5], [0, 40.0, 7.5], [0, 0, 1]]), 16, 16)

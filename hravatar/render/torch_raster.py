@@ -662,6 +662,8 @@ def rasterize_torch(
     """
     if trace not in ("torch", "numba"):
         raise ValueError(f"unknown trace kernel '{trace}' (torch or numba)")
+    if trace == "numba" and tile_size > 62:
+        trace = "torch"  # the compiled pass keeps one bit per pixel of a tile row in an int64
     W, H = int(camera.width), int(camera.height)
     dev, dt = means.device, means.dtype
     cam = camera.to(dev)
