@@ -167,9 +167,8 @@ def profile_config(name: str) -> TrainConfig:
     """The named profile.
 
     "full": the method's schedule at 512x512 (for a GPU).
-    "quick": CPU-friendly: 256x256, 20K Gaussians densified up to 40K, 4,500 iterations (18 min
-    of training + 38 s of evaluation on a 2-core VM whose renderer benchmark runs 20% slower than
-    the first one's) with the
+    "quick": CPU-friendly: 256x256, 20K Gaussians densified up to 40K, 4,500 iterations (14.5
+    min of training + ~30 s of evaluation on the 2-core CI VM, 2026-12-04) with the
     densification/lighting schedule compressed to fit. Measured on the synthetic benchmark:
     3,000 -> 5,000 iterations (30K Gaussians): relighting 24.82 -> 25.43 dB, test PSNR 30.79 ->
     30.47 dB; then up to 40K Gaussians at 4,500 iterations: relighting 25.65 dB, test PSNR
