@@ -16,7 +16,7 @@ def default_render_threads() -> int:
 
     On 2 cores one rendering thread beats two, whose second shares a core with the interface's
     drawing: expression slider at 256 px, 2-core VM, software OpenGL, UI cap 20 fps while
-    rendering: 7.1-11.2 fps with 2 threads (spread over runs), 11.6-12.4 fps with 1
+    rendering, three runs each: 11.0-11.4 fps with 2 threads, 12.3-12.8 fps with 1
     (docs/benchmarks.md)."""
     try:
         cores = len(os.sched_getaffinity(0))

@@ -457,12 +457,13 @@ def test_numba_binning_matches_the_torch_binning(seed, n, width, height, tile):
 
 
 @needs_numba
-def test_numba_pass_falls_back_for_tiles_wider_than_its_row_masks():
+def test_numba_pass_with_wide_tiles():
+    """Tiles wider than 62 px (the compiled pass has no per-tile width limit)."""
     scene = _scene(3, 60, 70, 40)
     with torch.no_grad():
         a = rasterize_torch(**scene, tile_size=64, trace="numba")
         b = rasterize_torch(**scene, tile_size=64, trace="torch")
-    assert torch.equal(a.features, b.features) and a.alpha.max() > 0
+    assert (a.features - b.features).abs().max().item() < 1e-5 and a.alpha.max() > 0
 
 
 @needs_numba

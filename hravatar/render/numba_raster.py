@@ -76,10 +76,6 @@ def _kernel():
                 tw = min(tile_size, width - tx0)
                 th = min(tile_size, height - ty0)
                 trans = np.ones(tw * th, dtype=np.float64)  # transmittance in front of the next Gaussian
-                # bit x of live[row]: that pixel is not finished. Most of a tile's list lies behind
-                # finished pixels (opaque heads finish in a few layers); a row span with no live
-                # bit is skipped without touching its pixels.
-                live = np.full(th, (1 << tw) - 1, dtype=np.int64)
                 total = np.zeros(tw * th, dtype=np.float64)  # backward: <out, grad_out> minus the prefix so far
                 if backward:
                     for q in range(tw * th):
@@ -120,11 +116,6 @@ def _kernel():
                         xc = mx[g] - 0.5 + b * dy / a_s
                         xs = max(rects[k, 0], int(math.ceil(xc - half)))
                         xe = min(rects[k, 1], int(math.floor(xc + half)) + 1)
-                        if xe <= xs:
-                            continue
-                        span = ((1 << (xe - xs)) - 1) << (xs - tx0)
-                        if live[y - ty0] & span == 0:
-                            continue
                         for x in range(xs, xe):
                             q = (y - ty0) * tw + (x - tx0)
                             tq = trans[q]
@@ -140,7 +131,6 @@ def _kernel():
                             trans[q] = nt
                             if nt <= T_MIN:
                                 n_done += 1
-                                live[y - ty0] &= ~(1 << (x - tx0))
                                 continue
                             w = alpha * np.float32(tq)
                             p = y * width + x
@@ -265,11 +255,10 @@ def bin_tiles(rects: Tensor, depths: Tensor, width: int, height: int, tile_size:
         rects: [N, 4] int64 (x0, x1, y0, y1) from :func:`~hravatar.render.torch_raster.gaussian_pixel_rects`.
         depths: [N] camera z (front-to-back order, ties by index).
     """
-    from .torch_raster import depth_order
+    from .torch_raster import front_to_back
 
     rects = rects.detach().cpu()
-    nonempty = ((rects[:, 1] > rects[:, 0]) & (rects[:, 3] > rects[:, 2])).nonzero().squeeze(1)
-    order = nonempty.index_select(0, depth_order(depths.detach().cpu().index_select(0, nonempty)))
+    order = front_to_back(rects, depths.detach().cpu())
     tiles_x = (width + tile_size - 1) // tile_size
     tiles_y = (height + tile_size - 1) // tile_size
     gids, sub, ptr = _binner()(order.numpy(), rects.contiguous().numpy(), tile_size, tiles_x, tiles_y)

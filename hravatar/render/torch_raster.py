@@ -217,8 +217,7 @@ def tile_intersections(rects: Tensor, depths: Tensor, tile_size: int) -> tuple[T
         consecutive); sub_rects: [I, 4] int64 the part of its rectangle inside that tile.
     """
     with torch.no_grad():
-        nonempty = ((rects[:, 1] > rects[:, 0]) & (rects[:, 3] > rects[:, 2])).nonzero().squeeze(1)
-        order = nonempty.index_select(0, depth_order(depths.detach().index_select(0, nonempty)))
+        order = front_to_back(rects, depths)
         x0, x1, y0, y1 = rects.index_select(0, order).unbind(-1)
         tx0 = torch.div(x0, tile_size, rounding_mode="floor")
         ty0 = torch.div(y0, tile_size, rounding_mode="floor")
@@ -245,6 +244,17 @@ def tile_intersections(rects: Tensor, depths: Tensor, tile_size: int) -> tuple[T
             -1,
         )
         return per_isect(order), sub
+
+
+def front_to_back(rects: Tensor, depths: Tensor) -> Tensor:
+    """[K] int64 indices of the Gaussians with a non-empty pixel rectangle, front to back.
+
+    Args:
+        rects: [N, 4] (x0, x1, y0, y1) from :func:`gaussian_pixel_rects`.
+        depths: [N] camera z (ties keep index order, see :func:`depth_order`).
+    """
+    nonempty = ((rects[:, 1] > rects[:, 0]) & (rects[:, 3] > rects[:, 2])).nonzero().squeeze(1)
+    return nonempty.index_select(0, depth_order(depths.detach().index_select(0, nonempty)))
 
 
 def depth_order(depths: Tensor) -> Tensor:
@@ -662,8 +672,6 @@ def rasterize_torch(
     """
     if trace not in ("torch", "numba"):
         raise ValueError(f"unknown trace kernel '{trace}' (torch or numba)")
-    if trace == "numba" and tile_size > 62:
-        trace = "torch"  # the compiled pass keeps one bit per pixel of a tile row in an int64
     W, H = int(camera.width), int(camera.height)
     dev, dt = means.device, means.dtype
     cam = camera.to(dev)
