@@ -365,5 +365,23 @@ def test_evaluation_reports_tracked_driving_beside_encoder_driving(tiny_dataset,
     monkeypatch.setattr(hravatar.train.model, "encoded_frame", lambda enc, f, *a: (f, None))
     same = evaluate(tmp_path / "e", root, "cpu")
     assert same["psnr_tracked"] == pytest.approx(same["psnr"], abs=1e-9)
+    assert same["psnr_mean_expr"] != pytest.approx(same["psnr"], abs=1e-6)
+    # an encoder that returns the training frames' mean expression, eyelids and jaw on every
+    # frame (tracked head pose) scores the constant baseline
+    from hravatar.avatar.gaussians import FrameParams
+    from hravatar.data import HeadVideoDataset
+
+    ds = HeadVideoDataset(root, "train", device="cpu", preload=False)
+    m = ds.frame_params(ds.frame_indices)
+
+    def constant(enc, f, *a):
+        pose = f.pose.clone()
+        pose[:, 2] = m.pose[:, 2].mean(0)
+        return FrameParams(m.expr.mean(0, keepdim=True), pose, m.eyelids.mean(0, keepdim=True), f.transl), None
+
+    monkeypatch.setattr(hravatar.train.model, "encoded_frame", constant)
+    const = evaluate(tmp_path / "e", root, "cpu")
+    assert const["psnr_mean_expr"] == pytest.approx(const["psnr"], abs=1e-9)
     Trainer(root, tmp_path / "n", _cfg(2, encoder=False), head=head).run()
-    assert evaluate(tmp_path / "n", root, "cpu")["psnr_tracked"] is None
+    res_n = evaluate(tmp_path / "n", root, "cpu")
+    assert res_n["psnr_tracked"] is None and res_n["psnr_mean_expr"] is None

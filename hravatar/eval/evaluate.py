@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hravatar.avatar.gaussians import FrameParams
 from hravatar.io.checkpoint import AvatarBundle, load_checkpoint
 from hravatar.io.safe import atomic_write_bytes
 
@@ -35,6 +36,13 @@ def _encoder_from_bundle(bundle: AvatarBundle, cfg, device):
     return enc.eval()
 
 
+def _mean_training_expression(ds) -> FrameParams:
+    """[1]-frame params holding the mean tracked parameters of the dataset's training split."""
+    f = ds.frame_params(ds.meta.split_indices("train"))
+    return FrameParams(f.expr.mean(0, keepdim=True), f.pose.mean(0, keepdim=True), f.eyelids.mean(0, keepdim=True),
+                       f.transl.mean(0, keepdim=True))
+
+
 @torch.no_grad()
 def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: int | None = None,
              strip_path: str | Path | None = None) -> dict:
@@ -44,6 +52,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
         {"psnr", "ssim", "mae100", "lpips" (None unless LPIPS weights are local), "frames",
          "psnr_tracked" (PSNR when driven by the dataset's tracked parameters instead of the
          encoder's: what sliders and landmark driving get; None without an encoder),
+         "psnr_mean_expr" (PSNR when every test frame gets the training frames' mean tracked
+         expression, eyelids and jaw, with its tracked head pose: the floor a learned encoder
+         has to beat; None without an encoder),
          and on synthetic data "relight_psnr", "relight_ssim", "relight" (per environment),
          "albedo_lmse", "normal_cos"}.
     """
@@ -79,7 +90,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
     gt_info = ds.gt_info
     intrinsics = _IntrinsicErrors(ds, gt_info, device) if gt_info else None
     frames, scores = {}, {"psnr": [], "ssim": [], "mae100": [], "lpips": []}
-    psnr_tracked = []
+    psnr_tracked, psnr_mean_expr = [], []
+    mean_expr = _mean_training_expression(ds) if enc is not None else None
     strip_rows = []
     for j, i in enumerate(idx):
         s = ds[i]
@@ -89,6 +101,11 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
             # the tracked parameters are what sliders, the landmark tracker and the app drive with
             tracked = forward_render(avatar, f, cam, learned_env, lut, response=cfg.camera_response, shading=cfg.shading, rig=rig)
             psnr_tracked.append(psnr(tracked["rgb"].clamp(0, 1), gt))
+            pose = f.pose.clone()
+            pose[:, 2] = mean_expr.pose[:, 2]
+            still = FrameParams(mean_expr.expr, pose, mean_expr.eyelids, f.transl)
+            out = forward_render(avatar, still, cam, learned_env, lut, response=cfg.camera_response, shading=cfg.shading, rig=rig)
+            psnr_mean_expr.append(psnr(out["rgb"].clamp(0, 1), gt))
             f, _ = encoded_frame(enc, f, gt, boxes[i], cfg.encoder_res)
         frames[i] = (f, cam, mask)
         out = forward_render(avatar, f, cam, learned_env, lut, response=cfg.camera_response, shading=cfg.shading, rig=rig)
@@ -107,6 +124,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
         "mae100": float(np.mean(scores["mae100"])),
         "lpips": None if any(v is None for v in scores["lpips"]) else float(np.mean(scores["lpips"])),
         "psnr_tracked": float(np.mean(psnr_tracked)) if psnr_tracked else None,
+        "psnr_mean_expr": float(np.mean(psnr_mean_expr)) if psnr_mean_expr else None,
         "frames": len(idx),
         "checkpoint": str(resolve_checkpoint(checkpoint)),
     }
@@ -233,7 +251,7 @@ def _relighting_metrics(avatar, ds, frames, gt_info, lut, cfg, scale, device, ri
 
 def markdown_table(rows: dict[str, dict]) -> str:
     """Markdown table of result dicts keyed by a row name."""
-    cols = ["psnr", "psnr_tracked", "ssim", "mae100", "lpips", "relight_psnr", "relight_ssim", "albedo_lmse", "normal_cos"]
+    cols = ["psnr", "psnr_tracked", "psnr_mean_expr", "ssim", "mae100", "lpips", "relight_psnr", "relight_ssim", "albedo_lmse", "normal_cos"]
     cols = [c for c in cols if any(c in r for r in rows.values())]
     lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
