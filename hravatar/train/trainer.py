@@ -269,7 +269,7 @@ class Trainer:
             imgs = torch.stack([self.train_set[i].image for i in idx]).to(self.device).permute(0, 3, 1, 2)
             crops = crop_and_resize(imgs, self.crop_boxes["train"][idx], out=self.cfg.encoder_res)
             out = self.encoder(crops)
-            f = self.train_set.frame_params(idx).to(self.device)
+            f = self.train_set.frame_params([self.train_set.frame_indices[i] for i in idx]).to(self.device)
             E = out["expr"].shape[-1]
             loss = ((out["expr"] - f.expr[:, :E]) ** 2).mean() + ((out["eyelids"] - f.eyelids) ** 2).mean() \
                 + ((out["jaw"] - f.pose[:, 2]) ** 2).mean()
@@ -448,7 +448,7 @@ class Trainer:
         if self.rig is not None:
             extra["rig.binding"] = self.rig.binding.detach()
         ts = self.train_set
-        seq = ts.frame_params(list(range(len(ts))))
+        seq = ts.frame_params(ts.frame_indices)
         cam = ts[0].camera
         avatar = self.avatar
         if self.deform_mlp is not None:  # checkpoints hold plain per-Gaussian bases: bake the MLP in
