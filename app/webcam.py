@@ -677,9 +677,8 @@ class FaceDriver:
             img = torch.from_numpy(matted).to(self.device).permute(2, 0, 1)[None].float() / 255.0
             crop = crop_and_resize(img, box[None].to(self.device), out=self._enc_res)
             enc = self._encoder(crop)
-            raw.expr = enc["expr"].cpu().reshape(1, -1)[:, : self.n_expr]
-            raw.eyelids = enc["eyelids"].cpu().reshape(1, 2)
-            raw.pose[:, 2] = enc["jaw"].cpu().reshape(1, 3)
+            raw = raw.with_expression(enc["expr"].cpu().reshape(1, -1)[:, : self.n_expr], enc["eyelids"].cpu().reshape(1, 2),
+                                      enc["jaw"].cpu().reshape(1, 3))
             timings["encoder"] = (time.perf_counter() - t2) * 1e3
         if self._filter is not None:
             raw = _unflatten(self._filter(_flatten(raw), t), self.n_expr)

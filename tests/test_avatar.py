@@ -179,3 +179,16 @@ def test_init_from_head_interpolates_vertex_attributes(mode):
     # deterministic
     av2 = GaussianAvatar.from_head(head, cfg)
     assert torch.equal(av.params["means"], av2.params["means"])
+
+
+def test_frame_with_expression_keeps_head_pose_and_replaces_jaw():
+    from hravatar.avatar.gaussians import FrameParams
+
+    g = torch.Generator().manual_seed(0)
+    f = FrameParams(torch.randn(1, 4, generator=g), torch.randn(1, 5, 3, generator=g), torch.rand(1, 2, generator=g), torch.randn(1, 3, generator=g))
+    before = f.pose.clone()
+    e, lids, jaw = torch.randn(1, 4, generator=g), torch.rand(1, 2, generator=g), torch.randn(1, 3, generator=g)
+    h = f.with_expression(e, lids, jaw)
+    assert torch.equal(h.expr, e) and torch.equal(h.eyelids, lids) and torch.equal(h.transl, f.transl)
+    assert torch.equal(h.pose[:, 2], jaw) and torch.equal(h.pose[:, [0, 1, 3, 4]], before[:, [0, 1, 3, 4]])
+    assert torch.equal(f.pose, before)  # the original frame is untouched

@@ -58,6 +58,13 @@ class FrameParams:
     def to(self, device) -> "FrameParams":
         return FrameParams(self.expr.to(device), self.pose.to(device), self.eyelids.to(device), self.transl.to(device))
 
+    def with_expression(self, expr: Tensor, eyelids: Tensor, jaw: Tensor) -> "FrameParams":
+        """The same head pose (root, neck, eyes) and translation with another expression [B, E],
+        eyelids [B, 2] and jaw [B, 3] (or [3]): what an expression encoder drives."""
+        pose = self.pose.clone()
+        pose[:, 2] = jaw
+        return FrameParams(expr, pose, eyelids, self.transl)
+
 
 @dataclass
 class DeformedGaussians:

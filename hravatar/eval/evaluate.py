@@ -36,11 +36,10 @@ def _encoder_from_bundle(bundle: AvatarBundle, cfg, device):
     return enc.eval()
 
 
-def _mean_training_expression(ds) -> FrameParams:
-    """[1]-frame params holding the mean tracked parameters of the dataset's training split."""
+def _mean_training_expression(ds) -> tuple:
+    """(expr [1, E], eyelids [1, 2], jaw [3]): the mean tracked values of the training split."""
     f = ds.frame_params(ds.meta.split_indices("train"))
-    return FrameParams(f.expr.mean(0, keepdim=True), f.pose.mean(0, keepdim=True), f.eyelids.mean(0, keepdim=True),
-                       f.transl.mean(0, keepdim=True))
+    return f.expr.mean(0, keepdim=True), f.eyelids.mean(0, keepdim=True), f.pose[:, 2].mean(0)
 
 
 @torch.no_grad()
@@ -93,22 +92,21 @@ def evaluate(checkpoint: str | Path, data: str | Path, device=None, max_frames: 
     psnr_tracked, psnr_mean_expr = [], []
     mean_expr = _mean_training_expression(ds) if enc is not None else None
     strip_rows = []
+
+    def render(frame: FrameParams, cam) -> dict:
+        return forward_render(avatar, frame, cam, learned_env, lut, response=cfg.camera_response, shading=cfg.shading, rig=rig)
+
     for j, i in enumerate(idx):
         s = ds[i]
         f = s.params.to(device)
         cam, mask, gt = s.camera.to(device), s.mask.to(device), s.image.to(device)
         if enc is not None:
             # the tracked parameters are what sliders, the landmark tracker and the app drive with
-            tracked = forward_render(avatar, f, cam, learned_env, lut, response=cfg.camera_response, shading=cfg.shading, rig=rig)
-            psnr_tracked.append(psnr(tracked["rgb"].clamp(0, 1), gt))
-            pose = f.pose.clone()
-            pose[:, 2] = mean_expr.pose[:, 2]
-            still = FrameParams(mean_expr.expr, pose, mean_expr.eyelids, f.transl)
-            out = forward_render(avatar, still, cam, learned_env, lut, response=cfg.camera_response, shading=cfg.shading, rig=rig)
-            psnr_mean_expr.append(psnr(out["rgb"].clamp(0, 1), gt))
+            psnr_tracked.append(psnr(render(f, cam)["rgb"].clamp(0, 1), gt))
+            psnr_mean_expr.append(psnr(render(f.with_expression(*mean_expr), cam)["rgb"].clamp(0, 1), gt))
             f, _ = encoded_frame(enc, f, gt, boxes[i], cfg.encoder_res)
         frames[i] = (f, cam, mask)
-        out = forward_render(avatar, f, cam, learned_env, lut, response=cfg.camera_response, shading=cfg.shading, rig=rig)
+        out = render(f, cam)
         pred = out["rgb"].clamp(0, 1)
         scores["psnr"].append(psnr(pred, gt))
         scores["ssim"].append(ssim(pred, gt))

@@ -100,6 +100,4 @@ def encoded_frame(encoder, tracked: FrameParams, image: Tensor, box: Tensor, res
 
     crop = crop_and_resize(image.permute(2, 0, 1)[None], box[None], out=res)
     enc = encoder(crop)
-    pose = tracked.pose.clone()
-    pose[:, 2] = enc["jaw"]
-    return FrameParams(enc["expr"], pose, enc["eyelids"], tracked.transl), enc
+    return tracked.with_expression(enc["expr"], enc["eyelids"], enc["jaw"]), enc

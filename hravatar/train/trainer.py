@@ -314,10 +314,7 @@ class Trainer:
         v[E + 3:] = v[E + 3:].clamp(-lim, lim)
         k = int(torch.randint(len(self.train_set), (1,), generator=g))
         s = self.train_set[k]
-        f = s.params.to(self.device)
-        pose = f.pose.clone()
-        pose[:, 2] = v[E + 2:]
-        frame = FrameParams(v[None, :E], pose, v[None, E:E + 2], f.transl)
+        frame = s.params.to(self.device).with_expression(v[None, :E], v[None, E:E + 2], v[E + 2:])
         return frame, s.camera.to(self.device), self.crop_boxes["train"][k], v
 
     def cycle_loss(self, it: int) -> Tensor:
