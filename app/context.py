@@ -186,7 +186,7 @@ class AppContext:
             if p is not None and not p.exists():
                 raise FileNotFoundError(f"{p}: file not found")
             bundle = open_avatar(p, "cpu")
-            renderer, home = prepare_bundle(bundle, self.device)  # here, not on the UI thread
+            renderer, home = prepare_bundle(bundle, self.device, compile=self.viewer.compile_render)  # here, not on the UI thread
             self._loaded.put((bundle, (renderer, home), label, None))
         except Exception as e:  # noqa: BLE001  - any failure is one line, the current avatar stays
             self._loaded.put((None, None, label, one_line_error(e, path)))

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU threads for rendering (default: all cores but one, left to the interface)")
     p.add_argument("--no-progressive", action="store_true",
                    help="always render at full size (no reduced-size frames while a slider moves)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile deformation and shading (fused kernels; the first frame waits tens of seconds)")
     p.add_argument("--tab", choices=TAB_KEYS, default="view", help="side-bar tab shown at start (and in --screenshot)")
     p.add_argument("--train-run", default=None, metavar="DIR",
                    help="Train tab: follow this run folder (plots, previews; re-attaches to a run still training)")
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             max_fps = 1000.0  # a GPU renders faster than a monitor refreshes: do not cap the measurement
     opts = AppOptions(args.checkpoint, args.envmap, args.res, w, h, args.device, max_fps,
                       busy_ui_fps=args.busy_ui_fps or None, render_threads=args.threads, tab=args.tab,
-                      progressive=not args.no_progressive)
+                      progressive=not args.no_progressive, compile=args.compile)
     try:
         app = App(opts)
     except StartupError as e:

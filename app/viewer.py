@@ -31,7 +31,6 @@ from hravatar.render.pipeline import (
     apply_material_edit,
     channel_image,
     render_gbuffers,
-    shade_gbuffers,
 )
 
 from .camera import OrbitController, ViewportNavigator, camera_key, home_state_for
@@ -185,7 +184,7 @@ class FrameRenderer:
             return
         t0 = time.perf_counter()
         cam = s.camera.to(r.device)
-        g = r.avatar.deform(s.frame.to(r.device))
+        g = r.deform(s.frame)
         _sync(r.device)
         t1 = time.perf_counter()
         self._gb = render_gbuffers(g, cam, backend=r.backend)
@@ -201,7 +200,7 @@ class FrameRenderer:
         key = (self._gkey, s.env_key, float(s.rotation_deg), mkey)
         out = self._shade.get(key)
         if out is None:
-            out = shade_gbuffers(self._gb, self._cam, s.env, s.renderer.brdf_lut, s.rotation_deg, material)
+            out = s.renderer.shade(self._gb, self._cam, s.env, s.rotation_deg, material)
             self._shade[key] = out
             while len(self._shade) > 3:
                 self._shade.popitem(last=False)
@@ -283,9 +282,12 @@ class FrameRenderer:
         return out
 
 
-def prepare_bundle(bundle, device, renderer: AvatarRenderer | None = None, home=None):
-    """(renderer, home view) of an avatar: the tensor work of showing it (run off the UI thread)."""
-    return renderer or AvatarRenderer(bundle.avatar, device), home or home_state_for(bundle)
+def prepare_bundle(bundle, device, renderer: AvatarRenderer | None = None, home=None, compile: bool = False):
+    """(renderer, home view) of an avatar: the tensor work of showing it (run off the UI thread).
+
+    ``compile``: a renderer whose deformation and shading go through ``torch.compile``.
+    """
+    return renderer or AvatarRenderer(bundle.avatar, device, compile=compile), home or home_state_for(bundle)
 
 
 class ViewerController:
@@ -297,12 +299,15 @@ class ViewerController:
         device: render device (CUDA when available if None).
         renderer: an existing :class:`AvatarRenderer` for ``bundle`` (made if None).
         render_size: (width, height) of the rendered image.
+        compile_render: renderers made here compile deformation and shading (``--compile``).
     """
 
     def __init__(self, bundle, library: EnvironmentLibrary, device: str | torch.device | None = None,
-                 renderer: AvatarRenderer | None = None, render_size: tuple[int, int] = (256, 256)) -> None:
+                 renderer: AvatarRenderer | None = None, render_size: tuple[int, int] = (256, 256),
+                 compile_render: bool = False) -> None:
         self._lock = threading.RLock()
         self.device = torch.device(device) if device is not None else default_device()
+        self.compile_render = compile_render
         self.library = library
         self.orbit = OrbitController()
         self.navigator = ViewportNavigator(self.orbit)
@@ -329,7 +334,7 @@ class ViewerController:
         ``home``: its :func:`home_state_for` when the caller computed it already (off the UI thread).
         """
         if renderer is None or home is None:
-            renderer, home = off_ui_thread(prepare_bundle, bundle, self.device, renderer, home)
+            renderer, home = off_ui_thread(prepare_bundle, bundle, self.device, renderer, home, self.compile_render)
         with self._lock:
             self.bundle = bundle
             self.renderer = renderer

@@ -102,3 +102,79 @@ def test_renderer_follows_a_change_of_environment():
     b = r.render(cam, None, dark, s).linear
     torch.testing.assert_close(b * 10.0, a, rtol=1e-4, atol=1e-5)  # shading is linear in the light
     torch.testing.assert_close(r.render(cam, None, bright, s).linear, a)
+
+
+def _compile_scene():
+    from hravatar.api import default_camera, resolve_environment, untrained_avatar
+    from hravatar.render.pipeline import RenderSettings
+
+    bundle = untrained_avatar(num_gaussians=2000)
+    env, tm = resolve_environment("builtin:studio")
+    edits = [RenderSettings(tonemap=tm),
+             RenderSettings(tonemap=tm, rotation_deg=40.0, material=MaterialEdit(rough_scale=0.6, f0_edit=0.5, tint=(1.0, 0.8, 0.7)))]
+    return bundle, default_camera(bundle, 48), env, edits
+
+
+def _has_cxx() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_cxx(), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_renderer_matches_the_eager_one():
+    """``compile=True`` (fused deformation and full-frame shading) renders the same images as eager,
+    for a second environment rotation and material edit too (these are inputs, not constants)."""
+    from hravatar.render.pipeline import AvatarRenderer
+
+    bundle, cam, env, settings = _compile_scene()
+    eager = AvatarRenderer(bundle.avatar, "cpu", backend="torch")
+    fused = AvatarRenderer(bundle.avatar, "cpu", backend="torch", compile=True)
+    for s in settings:
+        a, b = eager.render(cam, None, env, s), fused.render(cam, None, env, s)
+        torch.testing.assert_close(b.linear, a.linear, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.image, a.image, rtol=1e-4, atol=1e-5)
+    assert fused.compiled and not eager.compiled
+
+
+def test_a_failing_compile_falls_back_to_eager(monkeypatch):
+    """If the compiled function fails (no compiler, no Triton), the renderer warns once and renders
+    exactly what the eager renderer does from then on."""
+    from hravatar.render.pipeline import AvatarRenderer
+
+    calls = []
+
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            calls.append(fn)
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    bundle, cam, env, settings = _compile_scene()
+    eager = AvatarRenderer(bundle.avatar, "cpu", backend="torch")
+    fused = AvatarRenderer(bundle.avatar, "cpu", backend="torch", compile=True)
+    assert fused.compiled
+    with pytest.warns(RuntimeWarning, match="torch.compile of the deformation failed .*InvalidCxxCompiler"):
+        with pytest.warns(RuntimeWarning, match="shading failed"):
+            b = fused.render(cam, None, env, settings[1])
+    assert not fused.compiled and len(calls) == 2
+    torch.testing.assert_close(b.image, eager.render(cam, None, env, settings[1]).image)
+    fused.render(cam, None, env, settings[0])
+    assert len(calls) == 2  # the broken version is not tried again
+
+
+@pytest.mark.gpu
+def test_compiled_renderer_on_cuda_matches_the_cpu():
+    """On a GPU (Triton kernels): the compiled renderer's image against the eager CPU one."""
+    from hravatar.render.pipeline import AvatarRenderer
+
+    bundle, cam, env, settings = _compile_scene()
+    cpu = AvatarRenderer(bundle.avatar, "cpu", backend="torch")
+    refs = [cpu.render(cam, None, env, s).image for s in settings]
+    gpu = AvatarRenderer(bundle.avatar, "cuda", backend="torch", compile=True)  # moves the avatar
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for s, ref in zip(settings, refs):
+        torch.testing.assert_close(gpu.render(cam, None, env, s).image.cpu(), ref, rtol=1e-3, atol=1e-4)
+    assert gpu.compiled

@@ -66,6 +66,7 @@ class AppOptions:
     tab: str = "view"
     title: str = "hravatar"
     progressive: bool = True  # reduced-size renders while a slider moves (see ProgressiveResolution)
+    compile: bool = False  # torch.compile deformation and shading (the first frame waits for it)
 
 
 class App:
@@ -88,7 +89,8 @@ class App:
             raise StartupError(f"cannot open {opts.checkpoint or 'the demo avatar'}: {one_line_error(e, opts.checkpoint)}") from None
         self.res = int(opts.res or (512 if self.device.type == "cuda" else 256))
         self.library = EnvironmentLibrary(bundle, self.device)
-        self.viewer = ViewerController(bundle, self.library, self.device, render_size=(self.res, self.res))
+        self.viewer = ViewerController(bundle, self.library, self.device, render_size=(self.res, self.res),
+                                       compile_render=opts.compile)
         self.worker = RenderWorker()
         self.ctx = AppContext(self.viewer, self.worker, self.messages)
         self.ctx.shell = self  # the built-in panels reach the shell (file dialogs, output) through this
@@ -555,6 +557,8 @@ class App:
             size_text = f"{f.width}x{f.height} (interactive)"
         dev = self.device.type.upper()
         backend = self.backend_label()
+        if self.viewer.renderer.compiled:
+            backend += ", compiled"
         if self.device.type == "cpu":
             n = torch.get_num_threads()
             backend += f", {n} thread" + ("s" if n > 1 else "")

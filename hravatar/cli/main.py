@@ -124,10 +124,13 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = run_bench(_device(a.device), a.gaussians, a.res, reps=a.reps, backend=a.backend)
+    res = run_bench(_device(a.device), a.gaussians, a.res, reps=a.reps, backend=a.backend, compile=a.compile)
+    if a.compile and not res["compiled"]:
+        print("torch.compile failed (see the warning above): the figures are of the uncompiled path")
     for r in res["results"]:
         ms = r["ms"]
-        print(f"{r['gaussians']:>7,} G  {r['res']:>4}px  {r['fps']:7.1f} fps   deform {ms['deform']:6.1f} ms  raster {ms['raster']:6.1f} ms  shade {ms['shade']:6.1f} ms")
+        print(f"{r['gaussians']:>7,} G  {r['res']:>4}px  {r['fps']:7.1f} fps   deform {ms['deform']:6.1f} ms  raster {ms['raster']:6.1f} ms  shade {ms['shade']:6.1f} ms"
+              f"   (first frame {r['first_ms'] / 1e3:.1f} s)")
     if a.json:
         write_json(res, a.json)
         print(f"wrote {a.json}")
@@ -413,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--res", type=int, nargs="+", default=[256])
     b.add_argument("--reps", type=int, default=10)
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    b.add_argument("--compile", action="store_true", help="torch.compile deformation and shading (first frame compiles, not timed)")
     b.add_argument("--json", default=None, help="write results here")
     b.set_defaults(func=cmd_bench)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -183,6 +184,34 @@ def channel_image(name: str, gb: GBuffers, shaded: dict[str, Tensor] | None) -> 
     raise ValueError(f"unknown channel '{name}' (choose from {', '.join(CHANNELS)})")
 
 
+class _FallbackToEager:
+    """``fn`` through ``torch.compile`` when asked, falling back to ``fn`` itself for good if the
+    compiled version fails (e.g. no C++ compiler for the CPU backend, no Triton for CUDA).
+
+    Compilation happens on the first call (tens of seconds); later calls with new shapes or
+    flags recompile (the environment rotation and material values are not baked in).
+    """
+
+    def __init__(self, fn, compile: bool, what: str) -> None:
+        self.eager, self.what = fn, what
+        self.compiled = bool(compile)
+        self._fn = torch.compile(fn) if compile else fn
+
+    def __call__(self, *args, **kwargs):
+        if not self.compiled:
+            return self.eager(*args, **kwargs)
+        try:
+            return self._fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any backend failure: the eager path is the reference
+            import warnings
+
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"torch.compile of the {self.what} failed ({type(e).__name__}: {first}); running it uncompiled",
+                          RuntimeWarning, stacklevel=2)
+            self.compiled, self._fn = False, self.eager
+            return self.eager(*args, **kwargs)
+
+
 class AvatarRenderer:
     """Renders a :class:`GaussianAvatar` under an environment; keeps the BRDF LUT on device.
 
@@ -190,9 +219,14 @@ class AvatarRenderer:
         avatar: the avatar (moved to ``device``).
         device: torch device ("cuda" when available if None).
         backend: rasterizer backend ("auto" picks gsplat on CUDA when installed).
+        compile: run deformation and shading through ``torch.compile`` (fused kernels: fewer
+            launches on a GPU, fewer memory passes on a CPU). Needs a C++ compiler on CPU,
+            Triton on CUDA; falls back to eager with a warning when compilation fails. The first
+            frame pays the compilation (tens of seconds, cached on disk afterwards).
     """
 
-    def __init__(self, avatar: GaussianAvatar, device: str | torch.device | None = None, backend: str = "auto") -> None:
+    def __init__(self, avatar: GaussianAvatar, device: str | torch.device | None = None, backend: str = "auto",
+                 compile: bool = False) -> None:
         from hravatar.shading import load_brdf_lut
 
         if device is None:
@@ -203,6 +237,23 @@ class AvatarRenderer:
         self.brdf_lut = load_brdf_lut(self.device)
         self._env_src = None  # the last environment passed in and its copy on self.device
         self._env_dev = None
+        self._deform = _FallbackToEager(self.avatar.deform, compile, "deformation")
+        # compiled shading runs on every pixel: fixed shapes, and fused kernels beat compaction
+        self._shade = _FallbackToEager(partial(shade_gbuffers, compact=False if compile else None), compile, "shading")
+
+    @property
+    def compiled(self) -> bool:
+        """True while deformation and shading run through ``torch.compile`` (False after a fallback)."""
+        return self._deform.compiled and self._shade.compiled
+
+    def deform(self, frame: FrameParams) -> DeformedGaussians:
+        """The avatar's Gaussians posed by ``frame`` (on the render device)."""
+        return self._deform(frame.to(self.device))
+
+    def shade(self, gb: GBuffers, camera: Camera, env, rotation_deg: float = 0.0,
+              material: MaterialEdit | None = None) -> dict[str, Tensor]:
+        """:func:`shade_gbuffers` with this renderer's BRDF table and a device copy of ``env``."""
+        return self._shade(gb, camera, self._device_env(env), self.brdf_lut, rotation_deg, material)
 
     def _device_env(self, env):
         """``env`` on the render device, copied once per environment object, not per frame."""
@@ -228,7 +279,7 @@ class AvatarRenderer:
         cam = camera.to(self.device)
         frame = (frame or self.avatar.neutral_frame()).to(self.device)
         t0 = time.perf_counter()
-        g = self.avatar.deform(frame)
+        g = self.deform(frame)
         _sync(self.device)
         t1 = time.perf_counter()
         gb = render_gbuffers(g, cam, backend=self.backend)
@@ -236,7 +287,7 @@ class AvatarRenderer:
         t2 = time.perf_counter()
         shaded = None
         if s.channel in ("shaded", "diffuse", "specular", "irradiance"):
-            shaded = shade_gbuffers(gb, cam, self._device_env(env), self.brdf_lut, s.rotation_deg, s.material)
+            shaded = self.shade(gb, cam, env, s.rotation_deg, s.material)
         lin = channel_image(s.channel, gb, shaded)
         if s.channel in ("shaded", "diffuse", "specular", "irradiance") and s.tonemap != "clamp":
             disp = tonemap(lin, exposure_stops=s.exposure, operator=s.tonemap)

@@ -160,6 +160,7 @@ def rotate_y(dirs: Tensor, angle_deg: float | Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- sampling
+@torch.compiler.disable  # compiled callers get the memoised tensors instead of tracing their construction
 @functools.lru_cache(maxsize=64)
 def _seam_source_index(res: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Where every texel of the padded cube [6, R+2, R+2] comes from.
