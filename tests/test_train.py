@@ -385,3 +385,20 @@ def test_evaluation_reports_tracked_driving_beside_encoder_driving(tiny_dataset,
     Trainer(root, tmp_path / "n", _cfg(2, encoder=False), head=head).run()
     res_n = evaluate(tmp_path / "n", root, "cpu")
     assert res_n["psnr_tracked"] is None and res_n["psnr_mean_expr"] is None
+
+
+@pytest.mark.skipif(not __import__("hravatar.render.numba_raster", fromlist=["x"]).numba_available(), reason="needs numba")
+def test_absgrad_densification_trains_on_the_cpu_and_is_refused_where_it_is_not_computed(tiny_dataset, tmp_path, monkeypatch):
+    """``densify.absgrad`` grows by AbsGS's statistic (the numba pass computes it); the torch
+    and gsplat passes do not, so the trainer refuses at start rather than at the first growth."""
+    root, head = tiny_dataset
+    cfg = _cfg(20, densify=DensifySettings(start=4, every=4, stop_before_end=4, reset_every=1000, grad_threshold=1e-9, absgrad=True))
+    tr = Trainer(root, tmp_path / "run", cfg, head=head, device="cpu")
+    n0 = tr.avatar.num_gaussians
+    tr.run()
+    assert tr.avatar.num_gaussians > n0
+    import hravatar.render.rasterize as rz
+
+    monkeypatch.setattr(rz, "select_backend", lambda device, requested="auto": "gsplat")
+    with pytest.raises(ValueError, match="absgrad needs the numba"):
+        Trainer(root, tmp_path / "run2", cfg, head=head, device="cpu")

@@ -60,6 +60,8 @@ def _kernel():
         where the suffix sum is <out[p], grad_out[p]> minus the running prefix, so no reverse
         walk is needed. Tiles are dealt round-robin to ``n_chunks`` parallel chunks; each chunk
         sums its gradients in its own slice of grad_geo / grad_feat [n_chunks, N, *].
+        grad_geo's columns: d/d(mean_x, mean_y, a, b, c, opacity), then sum over pixels of
+        |d/dmean_x| and |d/dmean_y| (AbsGS's densification statistic, gsplat's ``absgrad``).
         """
         n_tiles = tile_ptr.shape[0] - 1
         D = feat.shape[1]
@@ -106,6 +108,8 @@ def _kernel():
                     g3 = 0.0
                     g4 = 0.0
                     g5 = 0.0
+                    ab0 = 0.0
+                    ab1 = 0.0
                     for y in range(rects[k, 2], rects[k, 3]):
                         dy = my[g] - (np.float32(y) + np.float32(0.5))
                         # the row's span of the ellipse sigma <= level (plus a margin for rounding)
@@ -149,8 +153,12 @@ def _kernel():
                             total[q] -= w * cg
                             d_alpha = tq * cg - total[q] / (1.0 - alpha) if raw <= ALPHA_MAX else 0.0
                             d_sigma = -d_alpha * alpha
-                            g0 += d_sigma * (a * dx + b * dy)
-                            g1 += d_sigma * (c * dy + b * dx)
+                            gx = d_sigma * (a * dx + b * dy)
+                            gy = d_sigma * (c * dy + b * dx)
+                            g0 += gx
+                            g1 += gy
+                            ab0 += abs(gx)
+                            ab1 += abs(gy)
                             g2 += d_sigma * 0.5 * dx * dx
                             g3 += d_sigma * dx * dy
                             g4 += d_sigma * 0.5 * dy * dy
@@ -162,6 +170,8 @@ def _kernel():
                         grad_geo[chunk, g, 3] += g3
                         grad_geo[chunk, g, 4] += g4
                         grad_geo[chunk, g, 5] += g5
+                        grad_geo[chunk, g, 6] += ab0
+                        grad_geo[chunk, g, 7] += ab1
                         for d in range(D):
                             grad_feat[chunk, g, d] += acc_feat[d]
                     if n_done == tw * th:
@@ -287,7 +297,7 @@ def _run_locked(cols, feat, tiles, out, grad_out):
     backward = grad_out is not None
     n_chunks = numba.get_num_threads()
     n_buf = n_chunks if backward else 1
-    grad_geo = np.zeros((n_buf, N if backward else 0, 6), dtype=np.float64)
+    grad_geo = np.zeros((n_buf, N if backward else 0, 8), dtype=np.float64)
     grad_feat = np.zeros((n_buf, N if backward else 0, D), dtype=np.float64)
     if grad_out is None:
         grad_out = np.zeros((1, 1), dtype=np.float32)
@@ -297,10 +307,13 @@ def _run_locked(cols, feat, tiles, out, grad_out):
 
 
 class _TileComposite(torch.autograd.Function):
-    """forward(mean_x, mean_y, a, b, c, opacity [N] each, featext [N, D], tiles) -> [P, D]."""
+    """forward(mean_x, mean_y, a, b, c, opacity [N] each, featext [N, D], tiles, absgrad_to) -> [P, D].
+
+    ``absgrad_to``: a tensor (the [N, 2] screen means) whose ``.absgrad`` the backward sets, or None.
+    """
 
     @staticmethod
-    def forward(ctx, mx, my, ca, cb, cc, op, featext, tiles):
+    def forward(ctx, mx, my, ca, cb, cc, op, featext, tiles, absgrad_to):
         feat = featext.detach().cpu().to(torch.float32).contiguous().numpy()
         out = np.zeros((tiles.width * tiles.height, feat.shape[1]), dtype=np.float32)
         _run((mx, my, ca, cb, cc, op), feat, tiles, out)
@@ -308,6 +321,7 @@ class _TileComposite(torch.autograd.Function):
         # the returned tensor shares ``out``: keep a private copy for the backward's <out, grad_out>
         grad = any(ctx.needs_input_grad)
         ctx.tiles, ctx.feat, ctx.out = tiles, (feat if grad else None), (out.copy() if grad else None)
+        ctx.absgrad_to = absgrad_to
         return torch.from_numpy(out).to(featext.device, featext.dtype)
 
     @staticmethod
@@ -317,12 +331,14 @@ class _TileComposite(torch.autograd.Function):
         go = grad_out.detach().cpu().to(torch.float32).contiguous().numpy()
         geo, gfeat = _run((mx, my, ca, cb, cc, op), ctx.feat, ctx.tiles, ctx.out, go)
         geo = torch.from_numpy(geo).to(mx.device, mx.dtype)
+        if ctx.absgrad_to is not None:
+            ctx.absgrad_to.absgrad = geo[:, 6:8].contiguous()
         grads = [geo[:, i] if ctx.needs_input_grad[i] else None for i in range(6)]
         gf = torch.from_numpy(gfeat).to(featext.device, featext.dtype) if ctx.needs_input_grad[6] else None
-        return (*grads, gf, None)
+        return (*grads, gf, None, None)
 
 
-def composite_tiles(cols: tuple[Tensor, ...], featext: Tensor, tiles: _Tiles) -> Tensor:
+def composite_tiles(cols: tuple[Tensor, ...], featext: Tensor, tiles: _Tiles, absgrad_to: Tensor | None = None) -> Tensor:
     """Front-to-back compositing by the compiled tile kernel, with the analytic 3DGS backward.
 
     Same image formation and result as :func:`~hravatar.render.torch_raster.trace_pairs`
@@ -332,7 +348,10 @@ def composite_tiles(cols: tuple[Tensor, ...], featext: Tensor, tiles: _Tiles) ->
         cols: six [N] tensors (mean_x, mean_y, conic a, b, c, opacity), differentiable.
         featext: [N, D] features to composite, differentiable.
         tiles: per-tile depth-ordered intersections from :func:`bin_tiles`.
+        absgrad_to: optional tensor (the [N, 2] screen means) that the backward gives an
+            ``.absgrad`` [N, 2]: per Gaussian, the sum over pixels of |dL/dmean_x|, |dL/dmean_y|
+            (AbsGS; what gsplat's ``absgrad=True`` adds to ``means2d``).
     Returns:
         [H*W, D] ``sum_i alpha_i T_i featext[g_i]`` per pixel (computed in float32).
     """
-    return _TileComposite.apply(*cols, featext, tiles)
+    return _TileComposite.apply(*cols, featext, tiles, absgrad_to)

@@ -687,7 +687,8 @@ def rasterize_torch(
     if trace == "numba":
         from .numba_raster import bin_tiles, composite_tiles
 
-        image = composite_tiles(cols, featext, bin_tiles(rects, proj.depths, W, H, tile_size))
+        # the backward also leaves AbsGS's statistic on proj.means2d.absgrad (as gsplat's absgrad=True)
+        image = composite_tiles(cols, featext, bin_tiles(rects, proj.depths, W, H, tile_size), absgrad_to=proj.means2d)
     else:
         gids, sub = tile_intersections(rects, proj.depths, tile_size)
         with torch.no_grad():

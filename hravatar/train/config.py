@@ -107,6 +107,13 @@ class DensifySettings:
     prune_opacity: float = 0.005
     screen_prune_after: int = 3000
     max_gaussians: int | None = None
+    # AbsGS (not in the method): grow by the sum over pixels of |screen-space gradient| instead
+    # of |sum|, so large Gaussians over detail, whose per-pixel gradients cancel, still split.
+    # Its values are larger: gsplat pairs it with a 4x threshold; on the synthetic benchmark ~2x
+    # keeps the same number of candidates (6e-4). Measured there (seed 3): test PSNR 29.99 (30.10
+    # without), training frames better fitted, silhouette rim in new views wider: off.
+    # CPU (numba pass) only.
+    absgrad: bool = False
 
 
 @dataclass

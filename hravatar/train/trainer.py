@@ -206,10 +206,16 @@ class Trainer:
         from .strategy import DensifyConfig, DensifyStrategy
 
         d = self.cfg.densify
+        if d.absgrad:
+            from hravatar.render.rasterize import select_backend
+
+            if select_backend(self.device, "auto") != "numba":
+                raise ValueError("densify.absgrad needs the numba rasterizer pass (CPU with numba installed); "
+                                 "the gsplat and pure-torch passes do not compute it here")
         self.strategy = DensifyStrategy(DensifyConfig(
             refine_start_iter=d.start, refine_every=d.every, refine_stop_iter=max(self.total - d.stop_before_end, 0),
             grow_grad2d=d.grad_threshold, reset_every=d.reset_every, prune_opa=d.prune_opacity,
-            refine_scale2d_stop_iter=d.screen_prune_after, max_gaussians=d.max_gaussians,
+            refine_scale2d_stop_iter=d.screen_prune_after, max_gaussians=d.max_gaussians, absgrad=d.absgrad,
         ))
         with torch.no_grad():
             m = self.avatar.params["means"]
