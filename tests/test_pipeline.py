@@ -136,6 +136,12 @@ def test_compiled_renderer_matches_the_eager_one():
         torch.testing.assert_close(b.linear, a.linear, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b.image, a.image, rtol=1e-4, atol=1e-5)
     assert fused.compiled and not eager.compiled
+    # and shading traces as one graph (a graph break would return to Python mid-frame)
+    from functools import partial
+
+    gb = render_gbuffers(eager.deform(bundle.avatar.neutral_frame()), cam)
+    ex = torch._dynamo.explain(partial(shade_gbuffers, compact=False))(gb, cam, env, eager.brdf_lut, 40.0, settings[1].material)
+    assert ex.graph_break_count == 0, [str(b.reason)[:120] for b in ex.break_reasons]
 
 
 def test_a_failing_compile_falls_back_to_eager(monkeypatch):

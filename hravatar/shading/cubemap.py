@@ -160,7 +160,6 @@ def rotate_y(dirs: Tensor, angle_deg: float | Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- sampling
-@torch.compiler.disable  # compiled callers get the memoised tensors instead of tracing their construction
 @functools.lru_cache(maxsize=64)
 def _seam_source_index(res: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Where every texel of the padded cube [6, R+2, R+2] comes from.
@@ -269,7 +268,7 @@ def _use_nvdiffrast(backend: str, *tensors: Tensor):
     return dr
 
 
-def sample_cube(cube: Tensor, dirs: Tensor, backend: str = "auto") -> Tensor:
+def sample_cube(cube: Tensor, dirs: Tensor, backend: str = "auto", padded: Tensor | None = None) -> Tensor:
     """Bilinear cube-map lookup, continuous across face edges and corners.
 
     Args:
@@ -277,6 +276,7 @@ def sample_cube(cube: Tensor, dirs: Tensor, backend: str = "auto") -> Tensor:
         dirs: [..., 3] lookup directions (any length > 0).
         backend: "auto" (nvdiffrast when installed and both tensors are on CUDA, else torch),
             "torch" or "nvdiffrast".
+        padded: ``pad_cube(cube)`` when the caller has it already (the torch path then skips it).
     Returns:
         [..., C], differentiable w.r.t. ``cube`` (and ``dirs`` inside a face).
     """
@@ -289,7 +289,7 @@ def sample_cube(cube: Tensor, dirs: Tensor, backend: str = "auto") -> Tensor:
         )
         return out.reshape(*lead, cube.shape[-1]).to(cube.dtype)
     face, u, v = dir_to_cube_uv(dirs.reshape(-1, 3))
-    out = _bilinear_padded(pad_cube(cube), face, u.to(cube.dtype), v.to(cube.dtype))
+    out = _bilinear_padded(pad_cube(cube) if padded is None else padded, face, u.to(cube.dtype), v.to(cube.dtype))
     return out.reshape(*lead, cube.shape[-1])
 
 
@@ -298,7 +298,8 @@ def _is_mip_chain(mips: list[Tensor]) -> bool:
     return all(m.shape[1] == max(r0 >> i, 1) for i, m in enumerate(mips))
 
 
-def sample_cube_mips(mips: list[Tensor], dirs: Tensor, level: Tensor | float, backend: str = "auto") -> Tensor:
+def sample_cube_mips(mips: list[Tensor], dirs: Tensor, level: Tensor | float, backend: str = "auto",
+                     padded: list[Tensor] | None = None) -> Tensor:
     """Trilinear lookup in a list of cube-map levels (linear between the two nearest levels).
 
     Levels need not halve in size (each level is sampled at its own resolution); the
@@ -309,6 +310,7 @@ def sample_cube_mips(mips: list[Tensor], dirs: Tensor, level: Tensor | float, ba
         dirs: [..., 3] lookup directions.
         level: [...] float level per lookup (or a float), clamped to [0, L-1].
         backend: as in :func:`sample_cube`.
+        padded: ``[pad_cube(m) for m in mips]`` when the caller has them already.
     Returns:
         [..., C].
     """
@@ -327,11 +329,11 @@ def sample_cube_mips(mips: list[Tensor], dirs: Tensor, level: Tensor | float, ba
     face, u, v = dir_to_cube_uv(dirs.reshape(-1, 3))
     u, v = u.to(mips[0].dtype), v.to(mips[0].dtype)
     lv = level.reshape(-1)
+    pads = [pad_cube(m) for m in mips] if padded is None else padded
     if L == 1:
-        return _bilinear_padded(pad_cube(mips[0]), face, u, v).reshape(*lead, C)
+        return _bilinear_padded(pads[0], face, u, v).reshape(*lead, C)
     # all padded levels in one flat table: each sample blends two bilinear taps of adjacent
     # levels, gathered in one pass (no per-level loop, no data-dependent indexing)
-    pads = [pad_cube(m) for m in mips]
     table = torch.cat([p.reshape(-1, C) for p in pads])
     sizes = torch.tensor([m.shape[1] for m in mips], device=dirs.device)
     rows = 6 * (sizes + 2) ** 2

@@ -32,6 +32,7 @@ from .cubemap import (
     latlong_dirs,
     latlong_solid_angle,
     latlong_to_cube,
+    pad_cube,
     sample_cube,
     sample_cube_mips,
 )
@@ -50,6 +51,13 @@ class Environment:
     irradiance: Tensor
     specular: list[Tensor]
     name: str = "environment"
+
+    def __post_init__(self) -> None:
+        # seam-padded copies for the lookups, made once per environment rather than at every
+        # lookup; this also keeps the padding's index tables out of compiled shading graphs.
+        # The maps are treated as immutable: make a new Environment to change them.
+        self._irradiance_padded = pad_cube(self.irradiance)
+        self._specular_padded = [pad_cube(m) for m in self.specular]
 
     @property
     def num_levels(self) -> int:
@@ -70,11 +78,11 @@ class Environment:
 
     def lookup_irradiance(self, normals: Tensor) -> Tensor:
         """Irradiance (E / pi) along unit normals [..., 3] -> [..., 3]."""
-        return sample_cube(self.irradiance, normals)
+        return sample_cube(self.irradiance, normals, padded=self._irradiance_padded)
 
     def lookup_specular(self, dirs: Tensor, roughness: Tensor) -> Tensor:
         """Prefiltered radiance along reflection dirs [..., 3] at roughness [...] -> [..., 3] (trilinear)."""
-        return sample_cube_mips(self.specular, dirs, roughness * (self.num_levels - 1))
+        return sample_cube_mips(self.specular, dirs, roughness * (self.num_levels - 1), padded=self._specular_padded)
 
 
 def constant_environment(
