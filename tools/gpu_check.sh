@@ -31,7 +31,7 @@ if [ "$DEVICE" = cuda ] && compgen -G ".whl/*.whl" >/dev/null; then
 else
   export PYTHONPATH=$PWD
 fi
-hr() { $py -m hravatar.cli.main "$@"; }
+hr=($py -m hravatar.cli.main)  # the CLI, run under `timeout` (which cannot run a shell function)
 
 { date -u; nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } \
   2>&1 | tee "$OUT/machine.txt"
@@ -45,25 +45,25 @@ else
 fi
 
 echo "== 2. renderer benchmark"
-timeout 240 bash -c "$(declare -f hr); py=$py; hr bench --device $DEVICE --gaussians $G --res $R --reps $REPS --json '$OUT/bench.json'" 2>&1 | tee "$OUT/bench.log"
-timeout 300 bash -c "$(declare -f hr); py=$py; hr bench --device $DEVICE --gaussians $G --res $R --reps $REPS --compile --json '$OUT/bench_compiled.json'" 2>&1 \
+timeout 240 "${hr[@]}" bench --device $DEVICE --gaussians $G --res $R --reps $REPS --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+timeout 300 "${hr[@]}" bench --device $DEVICE --gaussians $G --res $R --reps $REPS --compile --json "$OUT/bench_compiled.json" 2>&1 \
   | grep -v -i "warn\|originates\|^ *File\|\^\^\|^ *src, " | tee "$OUT/bench_compiled.log"
 
 echo "== 3. synthetic benchmark, full profile"
 data=/tmp/hravatar_synth
 rm -rf "$data" /tmp/hravatar_run
 if [ "$DEVICE" = cuda ]; then
-  timeout 240 bash -c "$(declare -f hr); py=$py; hr synth $data --frames 300 --res 512 --device cuda" 2>&1 | tail -3 | tee "$OUT/synth.log"
+  timeout 240 "${hr[@]}" synth $data --frames 300 --res 512 --device cuda 2>&1 | tail -3 | tee "$OUT/synth.log"
   targs=(--profile full --device cuda)
 else
-  timeout 240 bash -c "$(declare -f hr); py=$py; hr synth $data --frames 12 --res 64 --gaussians 20000 --device cpu" 2>&1 | tail -3 | tee "$OUT/synth.log"
+  timeout 240 "${hr[@]}" synth $data --frames 12 --res 64 --gaussians 20000 --device cpu 2>&1 | tail -3 | tee "$OUT/synth.log"
   targs=(--profile quick --device cpu --iterations 20 --resolution 64 --avatar-num-gaussians 2000)
 fi
 start=$(date +%s)
-timeout "$TRAIN_LIMIT" $py -m hravatar.cli.main train "$data" --out /tmp/hravatar_run "${targs[@]}" --quiet 2>&1 | tail -5 | tee "$OUT/train.log"
+timeout "$TRAIN_LIMIT" "${hr[@]}" train "$data" --out /tmp/hravatar_run "${targs[@]}" --quiet 2>&1 | tail -5 | tee "$OUT/train.log"
 echo "training wall time: $(( $(date +%s) - start )) s (limit $TRAIN_LIMIT s)" | tee -a "$OUT/train.log"
 cp /tmp/hravatar_run/events.jsonl "$OUT/train_events.jsonl" 2>/dev/null
 if [ -f /tmp/hravatar_run/avatar.safetensors ]; then
-  timeout 200 $py -m hravatar.cli.main eval /tmp/hravatar_run --data "$data" --json "$OUT/eval.json" 2>&1 | tail -3 | tee "$OUT/eval.log"
+  timeout 200 "${hr[@]}" eval /tmp/hravatar_run --data "$data" --json "$OUT/eval.json" 2>&1 | tail -3 | tee "$OUT/eval.log"
 fi
 ls -la "$OUT"
