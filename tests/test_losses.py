@@ -96,3 +96,24 @@ def test_eyelid_loss_keeps_a_gradient_below_the_clamp():
     assert raw.grad[1, 0] == 0 and raw.grad[1, 1] == 0
     # the clamped output would have given no gradient on the first unit
     assert torch.autograd.grad(((raw.clamp(0, 1) - tracked) ** 2).sum(), raw)[0][0, 0] == 0
+
+def test_normal_consistency_moves_the_depth_only_when_asked():
+    # a bumpy depth under flat rendered normals: with depth_grad the loss gradient reaches the
+    # depth and a small step along it flattens the surface (the loss falls); without, it does not
+    cam = orbit_camera(yaw_deg=0, pitch_deg=0, distance=1.0, width=12, height=10, fov_y_deg=40)
+    g = torch.Generator().manual_seed(0)
+    depth0 = (1.0 + 0.01 * torch.rand(10, 12, 1, generator=g))
+    nrm = torch.zeros(10, 12, 3)
+    nrm[..., :] = cam.viewmat[:3, :3].T @ torch.tensor([0.0, 0.0, -1.0])  # facing the camera, world space
+    alpha = torch.ones(10, 12, 1)
+    for depth_grad in (False, True):
+        depth = depth0.clone().requires_grad_(True)
+        loss = normal_consistency_loss(nrm, normals_from_depth(depth, cam), alpha, depth_grad=depth_grad)
+        if not depth_grad:
+            assert not loss.requires_grad  # the depth normals were detached inside
+            continue
+        loss.backward()
+        assert depth.grad.abs().sum() > 0
+        with torch.no_grad():
+            after = normal_consistency_loss(nrm, normals_from_depth(depth - 1e-4 * depth.grad / depth.grad.abs().max(), cam), alpha)
+        assert after < loss

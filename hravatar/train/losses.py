@@ -44,12 +44,18 @@ def normals_from_depth(depth: Tensor, camera: Camera) -> Tensor:
     return out
 
 
-def normal_consistency_loss(normal: Tensor, depth_normal: Tensor, alpha: Tensor, alpha_min: float = 0.9) -> Tensor:
-    """Mean over confident-alpha pixels of (1 - <N_rendered, N_from_depth>); depth normals are not differentiated."""
+def normal_consistency_loss(normal: Tensor, depth_normal: Tensor, alpha: Tensor, alpha_min: float = 0.9, depth_grad: bool = False) -> Tensor:
+    """Mean over confident-alpha pixels of (1 - <N_rendered, N_from_depth>).
+
+    Args:
+        normal, depth_normal: [H, W, 3] unit normals; alpha: [H, W, 1].
+        depth_grad: also differentiate ``depth_normal`` (else only the rendered normals move).
+    """
     m = (alpha[..., 0] > alpha_min) & (depth_normal.abs().sum(-1) > 0)
     if not m.any():
         return normal.sum() * 0
-    return (1 - (normal[m] * depth_normal[m].detach()).sum(-1)).mean()
+    dn = depth_normal[m] if depth_grad else depth_normal[m].detach()
+    return (1 - (normal[m] * dn).sum(-1)).mean()
 
 
 def total_variation(img: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -371,8 +371,9 @@ class Trainer:
             loss = loss + cfg.loss.eyelids * le
             logs["eyelids"] = le.detach()
         if cfg.loss.normal > 0:
-            dn = normals_from_depth(gb.depth.detach(), cam)
-            ln = normal_consistency_loss(gb.normal, dn, gb.alpha, cfg.loss.normal_alpha_min)
+            depth = gb.depth if cfg.loss.normal_depth_grad else gb.depth.detach()
+            dn = normals_from_depth(depth, cam)
+            ln = normal_consistency_loss(gb.normal, dn, gb.alpha, cfg.loss.normal_alpha_min, cfg.loss.normal_depth_grad)
             loss = loss + cfg.loss.normal * ln
             logs["normal"] = ln.detach()
         if cfg.loss.rough_tv > 0 and cfg.shading == "pbr":
