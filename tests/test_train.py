@@ -402,3 +402,38 @@ def test_absgrad_densification_trains_on_the_cpu_and_is_refused_where_it_is_not_
     monkeypatch.setattr(rz, "select_backend", lambda device, requested="auto": "gsplat")
     with pytest.raises(ValueError, match="absgrad needs the numba"):
         Trainer(root, tmp_path / "run2", cfg, head=head, device="cpu")
+
+
+def test_weight_averaging_gives_the_mean_of_the_last_iterates_and_survives_a_kill(tiny_dataset, tmp_path):
+    root, head = tiny_dataset
+    cfg = _cfg(20, average_last=4)  # densification stops 4 iterations before the end
+    full = Trainer(root, tmp_path / "a", cfg, head=head)
+    seen = []
+    update = full.update_average
+
+    def spy():
+        update()
+        if full.iteration > full.total - 4:
+            seen.append({n: v.detach().clone() for n, v in full._averaged().items()})
+
+    full.update_average = spy
+    full.run()
+    assert len(seen) == 4
+    final = full._averaged()
+    for n, v in final.items():  # brute force: the plain mean of the four iterates
+        torch.testing.assert_close(v, torch.stack([s[n] for s in seen]).mean(0), atol=1e-6, rtol=1e-5)
+    assert not torch.equal(final["params.means"], seen[-1]["params.means"])
+    b = load_checkpoint(tmp_path / "a" / "avatar.safetensors")
+    torch.testing.assert_close(b.avatar.params["means"], final["params.means"])
+    # killed inside the window: the running mean is in the training state and resumes
+    part = Trainer(root, tmp_path / "b", cfg, head=head)
+    part.run(stop_flag=lambda: part.iteration >= 18)
+    resumed = Trainer(root, tmp_path / "b", cfg, head=head)
+    assert resumed.resume() and resumed.avg_count == 2
+    resumed = Trainer(root, tmp_path / "b", cfg, head=head)
+    resumed.run(resume=True)
+    assert resumed.avg is None  # applied at the end
+    assert abs(full.quick_eval()["psnr"] - resumed.quick_eval()["psnr"]) < 0.2
+    # averaging across a densification step would mix different Gaussians
+    with pytest.raises(ValueError, match="average_last"):
+        Trainer(root, tmp_path / "c", _cfg(20, average_last=5), head=head)

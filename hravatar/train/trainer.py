@@ -114,6 +114,9 @@ class Trainer:
             self.deform_mlp = SharedDeformMLP(self.avatar.num_expr).to(self.device)
         elif config.deformation not in ("learnable", "fixed"):
             raise ValueError(f"unknown deformation '{config.deformation}' (learnable, fixed, mlp or mesh)")
+        if config.average_last > config.densify.stop_before_end:
+            raise ValueError(f"average_last ({config.average_last}) must not exceed densify.stop_before_end "
+                             f"({config.densify.stop_before_end}): weights are averaged only once the Gaussian count is fixed")
         if config.loss.background not in ("black", "random"):
             raise ValueError(f"unknown training background '{config.loss.background}' (black or random)")
         from hravatar.shading import load_brdf_lut
@@ -123,6 +126,8 @@ class Trainer:
         self._init_strategy()
         self.iteration = 0
         self._order: list[int] = []
+        self.avg: dict[str, Tensor] | None = None  # running mean of the last iterates (cfg.average_last)
+        self.avg_count = 0
 
     # ------------------------------------------------------------------ setup
     def _init_lighting(self) -> None:
@@ -176,7 +181,46 @@ class Trainer:
         self.avatar.params["means"].add_(torch.einsum("nde,e->nd", self.avatar.params["exprdirs"], c))
         self.encoder.expression_layers[0].bias[:E] -= c
         self.enc_bank[:, :E] -= c
+        if self.avg is not None:  # the same reparametrisation of the running mean
+            self.avg["params.means"].add_(torch.einsum("nde,e->nd", self.avg["params.exprdirs"], c))
+            self.avg["encoder.expression_layers.0.bias"][:E] -= c
         return c
+
+    # ------------------------------------------------------------------ weight averaging
+    def _averaged(self) -> dict[str, Tensor]:
+        """The tensors that weight averaging covers (live, not copies), by state-file name."""
+        t = {f"params.{k}": v for k, v in self.avatar.params.items()}
+        t["global_scale"] = self.avatar.log_global_scale
+        for prefix, mod in self._modules().items():
+            for k, v in mod.state_dict(keep_vars=True).items():
+                if v.dtype.is_floating_point:
+                    t[f"{prefix}.{k}"] = v
+        return t
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """Fold the current iterate into the running mean during the last ``average_last`` iterations."""
+        k = self.cfg.average_last
+        if k <= 0 or self.iteration <= self.total - k:
+            return
+        cur = self._averaged()
+        if self.avg is None or any(self.avg[n].shape != v.shape for n, v in cur.items()):
+            # first iterate of the window (or the Gaussian count changed): start over
+            self.avg = {n: v.detach().clone() for n, v in cur.items()}
+            self.avg_count = 1
+            return
+        self.avg_count += 1
+        for n, v in cur.items():
+            self.avg[n].lerp_(v.detach(), 1.0 / self.avg_count)
+
+    @torch.no_grad()
+    def apply_average(self) -> None:
+        """Replace the weights by their running mean (no-op when averaging is off)."""
+        if self.avg is None:
+            return
+        for n, v in self._averaged().items():
+            v.copy_(self.avg[n])
+        self.avg = None
 
     def _param_lr(self, key: str) -> float:
         lr = self.cfg.lr
@@ -493,6 +537,9 @@ class Trainer:
             if self.encoder is not None:
                 t["cycle.bank"] = self.enc_bank.detach()
                 t["cycle.filled"] = self.enc_bank_filled
+            if self.avg is not None:
+                t.update({f"avg.{n}": v for n, v in self.avg.items()})
+                meta["avg_count"] = self.avg_count
             t["rng.torch"] = torch.get_rng_state()
             save_train_state(self.run_dir / "state.safetensors", t, meta)
         except OSError as e:
@@ -532,6 +579,8 @@ class Trainer:
         if self.encoder is not None and "cycle.bank" in t:
             self.enc_bank = t["cycle.bank"].to(self.device)
             self.enc_bank_filled = t["cycle.filled"].to(self.device)
+        avg = {k[len("avg."):]: v.to(self.device) for k, v in t.items() if k.startswith("avg.")}
+        self.avg, self.avg_count = (avg, int(meta["avg_count"])) if avg else (None, 0)
         self.iteration = int(meta["iteration"])
         self._order = list(meta.get("order", []))
         torch.set_rng_state(t["rng.torch"])
@@ -565,6 +614,9 @@ class Trainer:
                 it = self.iteration
                 if cfg.recenter_expr_every and it % cfg.recenter_expr_every == 0:
                     self.recenter_expressions()
+                self.update_average()
+                if it == self.total:
+                    self.apply_average()
                 if it % cfg.log_every == 0 or it == self.total:
                     now = time.time()
                     its = (it - it_last) / max(now - t_last, 1e-9)
