@@ -452,6 +452,7 @@ def bench_script(app, n: int, slider: str, json_path: str | None):
         "render_size": [w, h],
         "device": str(app.device),
         "backend": app.backend_label(),
+        "compiled": bool(v.renderer.compiled),  # False also where --compile fell back to eager
         "gaussians": v.num_gaussians,
         "render_ms_mean": interactive_render_ms,
         "internal_sizes": sizes,

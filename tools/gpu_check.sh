@@ -14,6 +14,9 @@
 #   3. the synthetic benchmark's `full` profile (512 px): dataset, training for at most
 #      TRAIN_LIMIT seconds (iterations/s and the loss curve are in events.jsonl), evaluation if
 #      it finished.
+#   4. the app's own displayed-fps counter while the expression slider moves, on the demo avatar
+#      relit by the built-in studio map (issue 4: 1,000 frames at 512 px), eager and with
+#      --compile, in a window under Xvfb (skipped with a message where xvfb-run is missing).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a folder for the results}
@@ -65,5 +68,18 @@ echo "training wall time: $(( $(date +%s) - start )) s (limit $TRAIN_LIMIT s)" |
 cp /tmp/hravatar_run/events.jsonl "$OUT/train_events.jsonl" 2>/dev/null
 if [ -f /tmp/hravatar_run/avatar.safetensors ]; then
   timeout 200 "${hr[@]}" eval /tmp/hravatar_run --data "$data" --json "$OUT/eval.json" 2>&1 | tail -3 | tee "$OUT/eval.log"
+fi
+
+echo "== 4. app: displayed frames/s while a slider moves"
+if [ "$DEVICE" = cuda ]; then AF=1000; AR=512; else AF=30; AR=64; fi
+if command -v xvfb-run >/dev/null; then
+  for mode in eager compiled; do
+    extra=(); [ $mode = compiled ] && extra=(--compile)
+    timeout 300 xvfb-run -a -s "-screen 0 1920x1200x24" $py launch.py --device $DEVICE --res $AR --envmap builtin:studio \
+      --bench-frames $AF --bench-slider expression --no-progressive --bench-json "$OUT/app_bench_$mode.json" "${extra[@]}" 2>&1 \
+      | grep -v -i "warn\|originates\|^ *File\|\^\^\|^ *src, " | tail -5 | tee "$OUT/app_bench_$mode.log"
+  done
+else
+  echo "xvfb-run not found: app benchmark skipped" | tee "$OUT/app_bench.log"
 fi
 ls -la "$OUT"
