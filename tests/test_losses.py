@@ -97,6 +97,7 @@ def test_eyelid_loss_keeps_a_gradient_below_the_clamp():
     # the clamped output would have given no gradient on the first unit
     assert torch.autograd.grad(((raw.clamp(0, 1) - tracked) ** 2).sum(), raw)[0][0, 0] == 0
 
+
 def test_normal_consistency_moves_the_depth_only_when_asked():
     # a bumpy depth under flat rendered normals: with depth_grad the loss gradient reaches the
     # depth and a small step along it flattens the surface (the loss falls); without, it does not

@@ -35,6 +35,8 @@ else
   export PYTHONPATH=$PWD
 fi
 hr=($py -m hravatar.cli.main)  # the CLI, run under `timeout` (which cannot run a shell function)
+# torch.compile's warnings and their source excerpts, kept out of the logs
+drop_compile_noise() { grep -v -i "warn\|originates\|^ *File\|\^\^\|^ *src, "; }
 
 { date -u; nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } \
   2>&1 | tee "$OUT/machine.txt"
@@ -50,7 +52,7 @@ fi
 echo "== 2. renderer benchmark"
 timeout 240 "${hr[@]}" bench --device $DEVICE --gaussians $G --res $R --reps $REPS --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 timeout 300 "${hr[@]}" bench --device $DEVICE --gaussians $G --res $R --reps $REPS --compile --json "$OUT/bench_compiled.json" 2>&1 \
-  | grep -v -i "warn\|originates\|^ *File\|\^\^\|^ *src, " | tee "$OUT/bench_compiled.log"
+  | drop_compile_noise | tee "$OUT/bench_compiled.log"
 
 echo "== 3. synthetic benchmark, full profile"
 data=/tmp/hravatar_synth
@@ -77,7 +79,7 @@ if command -v xvfb-run >/dev/null; then
     extra=(); [ $mode = compiled ] && extra=(--compile)
     timeout 300 xvfb-run -a -s "-screen 0 1920x1200x24" $py launch.py --device $DEVICE --res $AR --envmap builtin:studio \
       --bench-frames $AF --bench-slider expression --no-progressive --bench-json "$OUT/app_bench_$mode.json" "${extra[@]}" 2>&1 \
-      | grep -v -i "warn\|originates\|^ *File\|\^\^\|^ *src, " | tail -5 | tee "$OUT/app_bench_$mode.log"
+      | drop_compile_noise | tail -5 | tee "$OUT/app_bench_$mode.log"
   done
 else
   echo "xvfb-run not found: app benchmark skipped" | tee "$OUT/app_bench.log"
