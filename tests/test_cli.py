@@ -96,3 +96,15 @@ def test_info_export_and_bench(tmp_path, capsys):
     r0 = res["results"][0]
     assert r0["gaussians"] == 2000 and r0["res"] == 48 and r0["fps"] > 0
     assert set(r0["ms"]) >= {"deform", "raster", "shade"}
+
+
+def test_train_options_reach_the_config_including_variable_length_tuples():
+    from hravatar.cli.main import build_parser, train_config_from_args
+
+    a = build_parser().parse_args(["train", "data", "--out", "run", "--profile", "quick", "--loss-surface", "0.1",
+                                   "--loss-surface-regions", "face", "neck"])
+    cfg = train_config_from_args(a)
+    assert cfg.loss.surface == 0.1 and cfg.loss.surface_regions == ("face", "neck")
+    assert cfg.resolution == 256  # the profile's values stay where no option was given
+    one = train_config_from_args(build_parser().parse_args(["train", "d", "--out", "r", "--loss-surface-regions", "face"]))
+    assert one.loss.surface_regions == ("face",)

@@ -7,12 +7,15 @@ import torch.nn.functional as F
 
 from hravatar.render.camera import orbit_camera
 from hravatar.train.losses import (
+    SurfaceAnchors,
     edge_aware_smoothness,
     flatness_loss,
     eyelid_loss,
     jaw_loss,
     normal_consistency_loss,
     normals_from_depth,
+    surface_distance_loss,
+    surface_normal_loss,
     total_variation,
 )
 
@@ -118,3 +121,65 @@ def test_normal_consistency_moves_the_depth_only_when_asked():
         with torch.no_grad():
             after = normal_consistency_loss(nrm, normals_from_depth(depth - 1e-4 * depth.grad / depth.grad.abs().max(), cam), alpha)
         assert after < loss
+
+
+def test_surface_distance_loss_costs_only_the_normal_offset_beyond_the_tolerance():
+    tol = 2e-3
+    anchors = torch.zeros(4, 3)
+    normals = torch.tensor([[0.0, 0.0, 1.0]]).repeat(4, 1)
+    # along the normal: inside the band, 2.5 tol out, 3 tol in; the last slides 5 cm sideways
+    pts = torch.tensor([[0.0, 0.0, 1e-3], [0.0, 0.0, 5e-3], [0.0, 0.0, -6e-3], [0.05, -0.02, 0.0]], requires_grad=True)
+    w = torch.ones(4)
+    loss = surface_distance_loss(pts, anchors, normals, w, tol)
+    assert float(loss.detach()) == pytest.approx((0 + 1.5 + 2.0 + 0) / 4, rel=1e-5)
+    loss.backward()
+    assert torch.all(pts.grad[:, :2] == 0)  # no tangential pull
+    assert pts.grad[0, 2] == 0 and pts.grad[3].abs().sum() == 0
+    assert pts.grad[1, 2] > 0 and pts.grad[2, 2] < 0  # a step down the gradient moves both back toward the band
+    # unconstrained points cost nothing and do not dilute the mean of the constrained ones
+    w2 = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    assert float(surface_distance_loss(pts, anchors, normals, w2, tol).detach()) == pytest.approx(1.5 / 2, rel=1e-5)
+
+
+def test_surface_anchors_are_the_closest_points_of_the_shaped_mesh_in_the_chosen_regions():
+    from helpers import tiny_head
+
+    from hravatar.head.mesh_utils import closest_point_on_mesh
+
+    head = tiny_head(0)
+    beta = torch.zeros(head.num_shape)
+    beta[0] = 0.5
+    v = head.shaped_template(beta[None])[0]
+    anchors = SurfaceAnchors(head, beta, ("face", "no_such_region"))
+    g = torch.Generator().manual_seed(0)
+    q = v[head.faces[:, 0]] * 0.9 + torch.randn(head.faces.shape[0], 3, generator=g) * 0.005  # near the surface, some off it
+    a, n, w = anchors.lookup(q)
+    fi, bc, d = closest_point_on_mesh(q, v, head.faces)  # brute force over every triangle
+    assert torch.allclose((a - q).norm(dim=-1), d, atol=1e-6)
+    assert torch.allclose(n.norm(dim=-1), torch.ones(len(q)), atol=1e-5)
+    interior = (bc > 1e-3).all(-1)  # off a triangle's interior, the offset lies along its normal
+    off = a - q
+    assert torch.allclose(torch.linalg.cross(off, n)[interior], torch.zeros(int(interior.sum()), 3), atol=1e-6)
+    face_region = head.region("face").float()[head.faces[fi]].mean(-1) > 0.5
+    assert torch.equal(w.bool()[interior], face_region[interior])  # on an edge, either triangle may be the one
+    assert interior.sum() > len(q) // 4
+    with pytest.raises(ValueError, match="none of the surface regions"):
+        SurfaceAnchors(head, beta, ("hair",))
+
+
+def test_surface_normal_loss_costs_only_tilt_beyond_the_tolerance_either_way_up():
+    n = torch.tensor([[0.0, 0.0, 1.0]]).repeat(4, 1)
+    deg = torch.tensor([5.0, 30.0, 180.0 - 30.0, 90.0])  # the third is the second flipped: same disc
+    rad = torch.deg2rad(deg)
+    axes = torch.stack([torch.sin(rad), torch.zeros(4), torch.cos(rad)], -1).requires_grad_(True)
+    loss = surface_normal_loss(axes, n, torch.ones(4), max_angle_deg=15.0)
+    free = 1 - math.cos(math.radians(15.0))
+    want = [0.0, (1 - math.cos(math.radians(30.0))) - free, (1 - math.cos(math.radians(30.0))) - free, 1 - free]
+    assert float(loss.detach()) == pytest.approx(sum(want) / 4, rel=1e-5)
+    loss.backward()
+    assert axes.grad[0].abs().sum() == 0  # within the tolerance: no pull
+    # a small step down the gradient straightens the tilted ones
+    with torch.no_grad():
+        after = surface_normal_loss(F.normalize(axes - 1e-3 * axes.grad, dim=-1), n, torch.ones(4), 15.0)
+    assert after < loss
+    assert float(surface_normal_loss(axes, n, torch.tensor([1.0, 0.0, 0.0, 0.0]), 15.0).detach()) == 0.0

@@ -1,11 +1,13 @@
 """Trainer: learning happens, events flow, kill + resume reproduces the uninterrupted run,
 NaN and disk-full stop cleanly without harming the last checkpoint."""
 import errno
+import math
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import tiny_head
 
 from hravatar.avatar.config import AvatarConfig
@@ -17,6 +19,7 @@ from hravatar.render.pipeline import render_gbuffers
 from hravatar.train.config import DensifySettings, TrainConfig
 from hravatar.train.events import EventBus, read_events, JsonlLog
 from hravatar.train.trainer import Trainer, TrainingStopped
+from hravatar.utils.rotation import quat_multiply
 
 
 @pytest.fixture(scope="module")
@@ -437,3 +440,46 @@ def test_weight_averaging_gives_the_mean_of_the_last_iterates_and_survives_a_kil
     # averaging across a densification step would mix different Gaussians
     with pytest.raises(ValueError, match="average_last"):
         Trainer(root, tmp_path / "c", _cfg(20, average_last=5), head=head)
+
+
+def test_surface_losses_pull_gaussians_back_onto_the_mesh_and_follow_densification(tiny_dataset, tmp_path):
+    from hravatar.train.config import LossConfig
+
+    root, head = tiny_dataset
+    loss_cfg = LossConfig(surface=1.0, surface_tol=1e-3, surface_normal=1.0, surface_max_tilt=10.0, surface_regions=("face",),
+                          surface_every=1000)
+    cfg = _cfg(16, loss=loss_cfg, densify=DensifySettings(start=4, every=4, stop_before_end=4, reset_every=1000, grad_threshold=1e-9))
+    tr = Trainer(root, tmp_path / "run", cfg, head=head, device="cpu")
+    dist0, tilt0 = tr.surface_losses(0)
+    assert float(dist0.detach()) == 0.0 and float(tilt0.detach()) < 1e-6  # flat discs initialised on the mesh
+    quats = tr.avatar.params["quats"]
+    q0 = quats.detach().clone()
+    with torch.no_grad():  # tilt every disc by 40 degrees about its first in-plane axis
+        c, s_ = math.cos(math.radians(20.0)), math.sin(math.radians(20.0))
+        quats.copy_(quat_multiply(F.normalize(quats, dim=-1), torch.tensor([c, s_, 0.0, 0.0]).expand_as(quats)))
+    tilt = tr.surface_losses(0)[1]
+    face = tr.surface.lookup(tr.avatar.params["means"])[2].bool()
+    assert float(tilt.detach()) == pytest.approx((1 - math.cos(math.radians(40.0))) - (1 - math.cos(math.radians(10.0))), rel=1e-4)
+    tilt.backward()
+    assert torch.all(quats.grad[~face] == 0) and quats.grad[face].abs().sum() > 0
+    with torch.no_grad():  # a small step down that gradient straightens them
+        quats -= 1e-2 * quats.grad / quats.grad.abs().max()
+    assert float(tr.surface_losses(0)[1].detach()) < float(tilt.detach())
+    quats.grad = None
+    with torch.no_grad():
+        quats.copy_(q0)
+    means = tr.avatar.params["means"]
+    with torch.no_grad():
+        means += 5e-3 * tr._anchors[1]  # 5 mm out along the normals: 4 tolerances beyond the band
+    tr._anchors = None
+    before = tr.surface_losses(1)[0]
+    assert float(before.detach()) == pytest.approx(4.0, rel=1e-3)
+    before.backward()
+    g = means.grad
+    assert torch.all(g[~face] == 0) and torch.all((g[face] * tr._anchors[1][face]).sum(-1) > 0)  # pushes back inward
+    means.grad = None
+    tr.run()
+    n = tr.avatar.num_gaussians
+    assert n > face.numel()  # densification replaced the parameters: the anchors followed
+    assert tr._anchors[0].shape[0] == n and tr._anchors[3] == tr.avatar.params["means"].data_ptr()
+    assert float(tr.surface_losses(tr.iteration)[0].detach()) < float(before.detach())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hravatar.avatar.gaussians import FrameParams, GaussianAvatar
@@ -21,7 +22,7 @@ from hravatar.render.camera import Camera
 from .config import TrainConfig
 from .events import EventBus
 from .model import encoded_frame, face_crop_boxes, forward_render
-from .losses import edge_aware_smoothness, eyelid_loss, flatness_loss, jaw_loss, normal_consistency_loss, normals_from_depth, photometric_loss, total_variation
+from .losses import SurfaceAnchors, edge_aware_smoothness, eyelid_loss, flatness_loss, jaw_loss, normal_consistency_loss, normals_from_depth, photometric_loss, surface_distance_loss, surface_normal_loss, total_variation
 from .state import load_optimizer_tensors, load_train_state, optimizer_tensors, save_train_state
 
 #: Which learning-rate group each per-Gaussian parameter belongs to.
@@ -119,6 +120,9 @@ class Trainer:
                              f"({config.densify.stop_before_end}): weights are averaged only once the Gaussian count is fixed")
         if config.loss.background not in ("black", "random"):
             raise ValueError(f"unknown training background '{config.loss.background}' (black or random)")
+        use_surface = config.loss.surface > 0 or config.loss.surface_normal > 0
+        self.surface = SurfaceAnchors(head, self.avatar.beta, config.loss.surface_regions) if use_surface else None
+        self._anchors: tuple | None = None  # (anchors, normals, weights, data_ptr of the means they were found for)
         from hravatar.shading import load_brdf_lut
 
         self.brdf_lut = load_brdf_lut(self.device)
@@ -436,6 +440,11 @@ class Trainer:
             lf = flatness_loss(self.avatar.params["scales"], cfg.loss.flatness_max_ratio)
             loss = loss + cfg.loss.flatness * lf
             logs["flatness"] = lf.detach()
+        if self.surface is not None:
+            ls, lt = self.surface_losses(it)
+            loss = loss + cfg.loss.surface * ls + cfg.loss.surface_normal * lt
+            logs["surface"] = ls.detach()
+            logs["surface_normal"] = lt.detach()
         if cfg.loss.alpha_mask > 0:
             lm = (gb.alpha - s.mask.to(self.device)).abs().mean()
             loss = loss + cfg.loss.alpha_mask * lm
@@ -450,6 +459,26 @@ class Trainer:
         logs["total"] = loss.detach()
         self.iteration += 1
         return {k: float(v) for k, v in logs.items()} | {"_lr_means": lrs["means"]}
+
+    def surface_losses(self, it: int) -> tuple[Tensor, Tensor]:
+        """(:func:`surface_distance_loss`, :func:`surface_normal_loss`) of the canonical (shaped)
+        Gaussians against the tracked head mesh; the anchors are re-found every
+        ``loss.surface_every`` iterations and whenever densification replaced the means."""
+        from hravatar.head.lbs import blend_offsets
+        from hravatar.utils.rotation import quat_to_matrix
+
+        p, lc = self.avatar.params, self.cfg.loss
+        x = p["means"] + blend_offsets(p["shapedirs"], self.avatar.beta[None])[0] if self.avatar.beta.numel() else p["means"]
+        a = self._anchors
+        if a is None or a[3] != p["means"].data_ptr() or a[0].shape[0] != x.shape[0] or it % lc.surface_every == 0:
+            a = self._anchors = (*self.surface.lookup(x), p["means"].data_ptr())
+        dist = surface_distance_loss(x, a[0], a[1], a[2], lc.surface_tol)
+        if lc.surface_normal <= 0:
+            return dist, dist.new_zeros(())
+        R = quat_to_matrix(F.normalize(p["quats"], dim=-1))  # columns: the canonical local axes
+        thin = p["scales"].detach().argmin(-1)
+        axes = torch.gather(R, -1, thin[:, None, None].expand(-1, 3, 1))[..., 0]
+        return dist, surface_normal_loss(axes, a[1], a[2], lc.surface_max_tilt)
 
     # ------------------------------------------------------------------ evaluation during training
     @torch.no_grad()

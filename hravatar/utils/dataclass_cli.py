@@ -42,8 +42,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
         if tp is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=f"(default {shown})")
         elif typing.get_origin(tp) is tuple:
-            el = typing.get_args(tp)[0]
-            group.add_argument(flag, dest=dest, type=el, nargs=len(typing.get_args(tp)), default=default, help=f"(default {shown})")
+            args = typing.get_args(tp)
+            nargs = "+" if args[-1] is Ellipsis else len(args)  # tuple[str, ...]: one or more values
+            group.add_argument(flag, dest=dest, type=args[0], nargs=nargs, default=default, help=f"(default {shown})")
         elif tp in (int, float, str):
             conv = tp
             if optional:
