@@ -55,7 +55,7 @@ def test_rigid_head_motion_matches_the_avatar_lbs():
 
 def test_centroid_gaussians_follow_posed_centroids_and_offsets_turn_with_the_triangle():
     head, av, rig = _setup()
-    x_c = rig.canonical_means(av).detach()
+    x_c = av.canonical_means().detach()
     # put Gaussians at chosen triangles' centroids plus a normal offset of known length
     fidx = torch.arange(0, head.faces.shape[0], 7)
     R0, T0, _ = triangle_frames(head(beta=av.beta[None]).vertices, head.faces)
@@ -73,7 +73,7 @@ def test_centroid_gaussians_follow_posed_centroids_and_offsets_turn_with_the_tri
         verts = head(beta=av.beta[None], psi=f.expr, pose=f.pose, eyelids=f.eyelids, transl=f.transl).vertices
     R, T, k = triangle_frames(verts, head.faces)
     _, _, k0 = triangle_frames(head(beta=av.beta[None]).vertices, head.faces)
-    bound = rig.bind(rig.canonical_means(av))[: len(fidx)]
+    bound = rig.bind(av.canonical_means())[: len(fidx)]
     assert torch.equal(bound, fidx)
     want = T[0, fidx] + offset * (k[0, fidx] / k0[0, fidx])[:, None] * R[0, fidx, :, 1]
     assert torch.allclose(out.means[0, : len(fidx)], want, atol=1e-6)
@@ -81,7 +81,7 @@ def test_centroid_gaussians_follow_posed_centroids_and_offsets_turn_with_the_tri
 
 def test_bindings_follow_densification():
     _, av, rig = _setup()
-    x = rig.canonical_means(av)
+    x = av.canonical_means()
     n0 = rig.bind(x).shape[0]
     with torch.no_grad():
         for k in list(av.params.keys()):
@@ -92,7 +92,7 @@ def test_bindings_follow_densification():
 
 def test_binding_survives_a_state_dict_round_trip():
     head, av, rig = _setup()
-    rig.bind(rig.canonical_means(av))
+    rig.bind(av.canonical_means())
     fresh = MeshRig(head, av.beta)
     fresh.load_state_dict(rig.state_dict())
     assert torch.equal(fresh.binding, rig.binding)

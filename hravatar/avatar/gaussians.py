@@ -291,6 +291,13 @@ class GaussianAvatar(nn.Module):
         return GaussianAvatar(p, self.joints, self.beta, self.config, self.expr_names, self.head_identity,
                               float(self.log_global_scale.detach())).to(self.device)
 
+    def canonical_means(self) -> Tensor:
+        """[N, 3] canonical positions with the subject's shape applied (X + sum_m beta_m S_m)."""
+        x = self.params["means"]
+        if self.beta.numel():
+            x = x + blend_offsets(self.params["shapedirs"], self.beta[None])[0]
+        return x
+
     def neutral_frame(self, batch: int = 1) -> FrameParams:
         return FrameParams.neutral(self.num_expr, batch, self.device)
 
@@ -354,6 +361,18 @@ def deform_gaussians(
     return x, q, scales, quat_to_matrix(q)
 
 
+def thin_axes(rotmats: Tensor, scales: Tensor) -> Tensor:
+    """Shortest axis of each Gaussian (either sign).
+
+    Args:
+        rotmats: [..., N, 3, 3] (columns are the local axes); scales: [..., N, 3] (linear or log).
+    Returns:
+        [..., N, 3] unit axes.
+    """
+    idx = scales.argmin(-1)  # [...,N]
+    return torch.gather(rotmats, -1, idx[..., None, None].expand(*idx.shape, 3, 1))[..., 0]
+
+
 def gaussian_normals(rotmats: Tensor, scales: Tensor, means: Tensor, cam_pos: Tensor) -> Tensor:
     """Normal of each Gaussian: its shortest axis, flipped to face the camera.
 
@@ -363,8 +382,7 @@ def gaussian_normals(rotmats: Tensor, scales: Tensor, means: Tensor, cam_pos: Te
     Returns:
         [..., N, 3] unit normals.
     """
-    idx = scales.argmin(-1)  # [...,N]
-    axis = torch.gather(rotmats, -1, idx[..., None, None].expand(*idx.shape, 3, 1))[..., 0]
+    axis = thin_axes(rotmats, scales)
     to_cam = cam_pos - means
     sign = torch.where((axis * to_cam).sum(-1, keepdim=True) < 0, -1.0, 1.0)
     return axis * sign

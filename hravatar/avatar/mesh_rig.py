@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hravatar.head.lbs import blend_offsets
 from hravatar.head.model import HeadModel
 from hravatar.utils.rotation import matrix_to_quat, quat_multiply, quat_to_matrix
 
@@ -86,14 +85,6 @@ class MeshRig(nn.Module):
             self.binding = torch.empty_like(state_dict[key], device=self.binding.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def canonical_means(self, avatar: GaussianAvatar) -> Tensor:
-        """[N, 3] canonical positions with the subject's shape (what the bindings refer to)."""
-        p = avatar.params
-        x = p["means"]
-        if avatar.beta.numel():
-            x = x + blend_offsets(p["shapedirs"], avatar.beta[None])[0]
-        return x
-
     def bind(self, x_c: Tensor) -> Tensor:
         """[N] triangle of each Gaussian (recomputed when N changed)."""
         if self.binding.shape[0] != x_c.shape[0]:
@@ -102,7 +93,7 @@ class MeshRig(nn.Module):
 
     def deform(self, avatar: GaussianAvatar, frame: FrameParams) -> DeformedGaussians:
         """Canonical -> pose space through the posed head mesh (B frames)."""
-        x_c = self.canonical_means(avatar)
+        x_c = avatar.canonical_means()  # what the bindings refer to
         f = self.bind(x_c)
         B = frame.expr.shape[0]
         E = min(frame.expr.shape[-1], self.head.num_expr)

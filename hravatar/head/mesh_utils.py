@@ -107,9 +107,9 @@ def closest_point_on_mesh(
         vertices: [V, 3].
         faces: [F, 3] int64.
         chunk: max number of point-triangle pairs evaluated at once (memory bound).
-        candidates: if given, only the this many faces with the nearest centroids are
-            tested per point (much faster; exact unless a large face's centroid is far from
-            its closest point, and never an underestimate of the distance).
+        candidates: if given, only the this many faces with the nearest centroids (a k-d
+            tree query) are tested per point (much faster; exact unless a large face's centroid
+            is far from its closest point, and never an underestimate of the distance).
     Returns:
         face_idx: [N] int64, bary: [N, 3] barycentric coordinates in that face,
         dist: [N] distances.
@@ -117,12 +117,15 @@ def closest_point_on_mesh(
     tri = vertices[faces]  # [F,3,3]
     F = tri.shape[0]
     if candidates is not None and candidates < F:
-        cen = tri.mean(1)
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(tri.mean(1).detach().cpu().double().numpy())
         fidx, bary_out, dist = [], [], []
-        per = max(1, chunk // max(F, 1))
+        per = max(1, chunk // candidates)
         for s in range(0, points.shape[0], per):
             p = points[s:s + per]
-            cand = torch.cdist(p, cen).topk(candidates, dim=1, largest=False).indices  # [n,k]
+            _, near = tree.query(p.detach().cpu().double().numpy(), k=candidates, workers=-1)
+            cand = torch.from_numpy(near.reshape(p.shape[0], candidates)).to(p.device)  # [n,k]
             cl, bc = closest_points_on_triangles(p[:, None, :], tri[cand])
             d = (cl - p[:, None, :]).norm(dim=-1)
             dm, im = d.min(1)

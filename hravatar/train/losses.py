@@ -55,46 +55,38 @@ class SurfaceAnchors:
     """Closest point of the subject's canonical head mesh, and its face normal, for Gaussian centres.
 
     The anchors of :func:`surface_distance_loss` and :func:`surface_normal_loss`, on the shaped
-    template (the mesh the avatar was initialised on). A k-d tree over the triangle centroids
-    proposes ``candidates`` triangles per point and the closest point on each is computed
-    exactly, so a lookup of 40K points takes ~0.3 s on 2 CPU cores and can follow Gaussians as
-    they move and multiply. Only triangles of
-    ``regions`` (head-model region names, e.g. skin: "face", "ears", "neck"; a triangle belongs to
-    a region when most of its vertices do) constrain: hair and the mouth interior may leave the mesh.
+    template (the mesh the avatar was initialised on), found by
+    :func:`hravatar.head.mesh_utils.closest_point_on_mesh` among the ``candidates`` triangles with
+    the nearest centroids: a lookup of 40K points takes ~0.3 s on 2 CPU cores, so it can follow
+    Gaussians as they move and multiply. Only triangles of ``regions`` (head-model region names,
+    e.g. skin: "face", "ears", "neck"; a triangle belongs to a region when most of its vertices
+    do) constrain: hair and the mouth interior may leave the mesh.
     """
 
     def __init__(self, head, beta: Tensor, regions: tuple[str, ...], candidates: int = 8) -> None:
-        from scipy.spatial import cKDTree
-
         known = [r for r in regions if r in head.region_names]
         if not known:
             raise ValueError(f"none of the surface regions {', '.join(regions)} exists in this head model "
                              f"(it has {', '.join(head.region_names)})")
-        v = head.shaped_template(beta.reshape(1, -1).float().cpu())[0].detach()
-        faces = head.faces.cpu()
-        self.tri = v[faces]  # [F, 3, 3]
-        self.face_normals = F.normalize(torch.linalg.cross(self.tri[:, 1] - self.tri[:, 0], self.tri[:, 2] - self.tri[:, 0]), dim=-1)
-        inside = torch.zeros(v.shape[0])
+        self.vertices = head.shaped_template(beta.reshape(1, -1).float().cpu())[0].detach()
+        self.faces = head.faces.cpu()
+        tri = self.vertices[self.faces]
+        self.face_normals = F.normalize(torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), dim=-1)
+        inside = torch.zeros(self.vertices.shape[0])
         for r in known:
             inside = torch.maximum(inside, head.region(r).cpu().float())
-        self.constrained = (inside[faces].mean(-1) > 0.5).float()
-        self.candidates = min(candidates, faces.shape[0])
-        self._tree = cKDTree(self.tri.mean(1).double().numpy())
+        self.constrained = (inside[self.faces].mean(-1) > 0.5).float()
+        self.candidates = candidates
 
     def lookup(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """anchors [N, 3] (closest mesh points), normals [N, 3] (their triangles' unit normals) and
         weights [N] (1 where that triangle is constrained) for ``points`` [N, 3], on their device."""
-        from hravatar.head.mesh_utils import closest_points_on_triangles
+        from hravatar.head.mesh_utils import closest_point_on_mesh
 
-        p = points.detach().cpu().float()
-        _, cand = self._tree.query(p.double().numpy(), k=self.candidates, workers=-1)
-        cand = torch.from_numpy(cand.reshape(p.shape[0], -1)).long()  # [N, k]
-        closest, _ = closest_points_on_triangles(p[:, None, :], self.tri[cand])
-        best = (closest - p[:, None, :]).norm(dim=-1).argmin(1)
-        rows = torch.arange(p.shape[0])
-        face = cand[rows, best]
+        face, bary, _ = closest_point_on_mesh(points.detach().cpu().float(), self.vertices, self.faces, candidates=self.candidates)
+        closest = (self.vertices[self.faces[face]] * bary[..., None]).sum(1)
         dev = points.device
-        return closest[rows, best].to(dev), self.face_normals[face].to(dev), self.constrained[face].to(dev)
+        return closest.to(dev), self.face_normals[face].to(dev), self.constrained[face].to(dev)
 
 
 def photometric_loss(pred: Tensor, gt: Tensor, w_l1: float = 0.8, w_dssim: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:

@@ -122,7 +122,7 @@ class Trainer:
             raise ValueError(f"unknown training background '{config.loss.background}' (black or random)")
         use_surface = config.loss.surface > 0 or config.loss.surface_normal > 0
         self.surface = SurfaceAnchors(head, self.avatar.beta, config.loss.surface_regions) if use_surface else None
-        self._anchors: tuple | None = None  # (anchors, normals, weights, data_ptr of the means they were found for)
+        self._anchors: tuple | None = None  # (anchors, normals, weights, the means parameter they were found for)
         from hravatar.shading import load_brdf_lut
 
         self.brdf_lut = load_brdf_lut(self.device)
@@ -464,20 +464,18 @@ class Trainer:
         """(:func:`surface_distance_loss`, :func:`surface_normal_loss`) of the canonical (shaped)
         Gaussians against the tracked head mesh; the anchors are re-found every
         ``loss.surface_every`` iterations and whenever densification replaced the means."""
-        from hravatar.head.lbs import blend_offsets
+        from hravatar.avatar.gaussians import thin_axes
         from hravatar.utils.rotation import quat_to_matrix
 
         p, lc = self.avatar.params, self.cfg.loss
-        x = p["means"] + blend_offsets(p["shapedirs"], self.avatar.beta[None])[0] if self.avatar.beta.numel() else p["means"]
+        x = self.avatar.canonical_means()
         a = self._anchors
-        if a is None or a[3] != p["means"].data_ptr() or a[0].shape[0] != x.shape[0] or it % lc.surface_every == 0:
-            a = self._anchors = (*self.surface.lookup(x), p["means"].data_ptr())
+        if a is None or a[3] is not p["means"] or it % lc.surface_every == 0:
+            a = self._anchors = (*self.surface.lookup(x), p["means"])
         dist = surface_distance_loss(x, a[0], a[1], a[2], lc.surface_tol)
         if lc.surface_normal <= 0:
             return dist, dist.new_zeros(())
-        R = quat_to_matrix(F.normalize(p["quats"], dim=-1))  # columns: the canonical local axes
-        thin = p["scales"].detach().argmin(-1)
-        axes = torch.gather(R, -1, thin[:, None, None].expand(-1, 3, 1))[..., 0]
+        axes = thin_axes(quat_to_matrix(F.normalize(p["quats"], dim=-1)), p["scales"].detach())  # canonical
         return dist, surface_normal_loss(axes, a[1], a[2], lc.surface_max_tilt)
 
     # ------------------------------------------------------------------ evaluation during training
